@@ -1,0 +1,673 @@
+"""Diagonal curvature estimators and saliencies, each a pure function returning a pytree shaped like ``params``.
+
+Conventions:
+
+- ``loss_fn(params, batch) -> scalar`` is a *mean* over the batch; ``batch`` is any pytree whose leaves share a
+  leading example axis (e.g. :class:`jaxforget.models.Batch`).
+- ``logits_fn(params, inputs) -> [B, C]``; the GGN estimators assume the softmax cross-entropy loss averaged over
+  the batch, so they estimate the Hessian of that same mean loss.
+- Nothing here jits: wrap calls in ``jax.jit`` and pass arrays as arguments (``num_probes``, ``probe_batch_size``,
+  ``example_batch_size``, ``num_samples``, ``method`` and ``distribution`` are static). Flax models with batch norm
+  must run in eval mode (running averages); see :mod:`jaxforget.models`.
+- Chunking knobs (``probe_batch_size``, ``example_batch_size``, ``basis_batch_size``) bound memory; for the same key
+  they change only the order of floating-point summation, not what is summed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+__all__ = [
+    "hvp",
+    "hutchinson_diagonal",
+    "hutchinson_diagonal_with_stderr",
+    "exact_diagonal",
+    "ggn_diagonal",
+    "gnb_diagonal",
+    "fisher_diagonal",
+    "gradient_saliency",
+    "accumulate_diagonal",
+]
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+LogitsFn = Callable[[PyTree, jax.Array], jax.Array]
+
+_METHODS = ("auto", "layerwise", "naive")
+_DISTRIBUTIONS = ("rademacher", "gaussian")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input checks: run on shapes only (jax.eval_shape), so they cost no compute and raise before any.
+
+
+def check_tree_matches(tree: PyTree, params: PyTree, name: str) -> None:
+    """Raises ``ValueError`` naming ``name`` unless ``tree`` has the structure and leaf shapes of ``params``."""
+    tree_def, params_def = jax.tree.structure(tree), jax.tree.structure(params)
+    if tree_def != params_def:
+        raise ValueError(
+            f"{name} must have the same tree structure as params; got {tree_def}, expected {params_def}. "
+            f"Build it with jax.tree.map over params."
+        )
+    for (path, leaf), ref in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(params), strict=True):
+        if jnp.shape(leaf) != jnp.shape(ref):
+            raise ValueError(
+                f"{name} leaf {jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}, but the matching "
+                f"params leaf has shape {jnp.shape(ref)}."
+            )
+
+
+def _check_scalar_loss(loss_fn: LossFn, params: PyTree, batch: PyTree) -> None:
+    out = jax.eval_shape(loss_fn, params, batch)
+    if not (isinstance(out, jax.ShapeDtypeStruct) and out.shape == ()):
+        shape = getattr(out, "shape", type(out).__name__)
+        raise ValueError(
+            f"loss_fn must return a scalar (the mean loss over the batch); it returned {shape}. "
+            f"Reduce it with .mean()."
+        )
+
+
+def _check_logits(logits_fn: LogitsFn, params: PyTree, inputs: jax.Array) -> None:
+    out = jax.eval_shape(logits_fn, params, inputs)
+    batch_size = jax.tree.leaves(inputs)[0].shape[0]
+    if not (isinstance(out, jax.ShapeDtypeStruct) and out.ndim == 2 and out.shape[0] == batch_size):
+        shape = getattr(out, "shape", type(out).__name__)
+        raise ValueError(
+            f"logits_fn must return logits of shape [batch, classes] = [{batch_size}, C]; it returned {shape}."
+        )
+
+
+def _check_positive(value: int | None, name: str, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        hint = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be a positive integer{hint}; got {value!r}.")
+
+
+def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small pure pieces.
+
+
+def _leading_size(tree: PyTree) -> int:
+    return jax.tree.leaves(tree)[0].shape[0]
+
+
+def _tree_add(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(jnp.add, a, b)
+
+
+def _chunked_sum(fn: Callable[[PyTree], PyTree], xs: PyTree, chunk_size: int | None) -> PyTree:
+    """``fn(xs)`` where ``fn`` sums over the leading axis of ``xs``, evaluated ``chunk_size`` rows at a time.
+
+    Peak memory is that of one chunk; the result differs from the unchunked one only in summation order.
+    """
+    n = _leading_size(xs)
+    if chunk_size is None or chunk_size >= n:
+        return fn(xs)
+    num_full = n // chunk_size
+    head = jax.tree.map(lambda a: a[: num_full * chunk_size].reshape(num_full, chunk_size, *a.shape[1:]), xs)
+    out = jax.eval_shape(fn, jax.tree.map(lambda a: a[0], head))
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out)
+    total, _ = jax.lax.scan(lambda acc, chunk: (_tree_add(acc, fn(chunk)), None), init, head)
+    if n % chunk_size:
+        total = _tree_add(total, fn(jax.tree.map(lambda a: a[num_full * chunk_size :], xs)))
+    return total
+
+
+def _probe(key: jax.Array, params: PyTree, distribution: str) -> PyTree:
+    """A random probe shaped like ``params``: i.i.d. Rademacher (+-1) or standard normal entries."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    if distribution == "rademacher":
+        draws = [jax.random.rademacher(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves, strict=True)]
+    else:
+        draws = [jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves, strict=True)]
+    return jax.tree.unflatten(treedef, draws)
+
+
+def _example(tree: PyTree) -> PyTree:
+    """Adds a leading batch axis of size one to every leaf (one example as a batch)."""
+    return jax.tree.map(lambda a: a[None], tree)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hessian-vector products and Hutchinson.
+
+
+def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree) -> PyTree:
+    """Hessian-vector product ``H v`` of ``loss_fn`` at ``params``, forward-over-reverse.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: the point at which the Hessian is taken.
+      batch: the data ``loss_fn`` is evaluated on.
+      v: a pytree shaped like ``params``.
+
+    Returns:
+      ``H v``, shaped like ``params``. Costs about two gradients.
+
+    >>> loss = lambda p, b: 0.5 * jnp.sum(b * p**2)
+    >>> hvp(loss, jnp.ones(3), jnp.arange(3.0), jnp.ones(3))
+    Array([0., 1., 2.], dtype=float32)
+    """
+    check_tree_matches(v, params, "v")
+    _check_scalar_loss(loss_fn, params, batch)
+    return _hvp(loss_fn, params, batch, v)
+
+
+def _hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree) -> PyTree:
+    return jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (params,), (v,))[1]
+
+
+def _hutchinson_moments(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    key: jax.Array,
+    num_probes: int,
+    probe_batch_size: int | None,
+    distribution: str,
+) -> tuple[PyTree, PyTree]:
+    """Sum and sum of squares over probes of ``v * (H v)``; probe ``i`` is drawn from ``split(key)[i]``."""
+
+    def chunk_moments(probe_keys: jax.Array) -> tuple[PyTree, PyTree]:
+        def sample(probe_key):
+            v = _probe(probe_key, params, distribution)
+            return jax.tree.map(jnp.multiply, v, _hvp(loss_fn, params, batch, v))
+
+        samples = jax.vmap(sample)(probe_keys)
+        return jax.tree.map(lambda s: s.sum(0), samples), jax.tree.map(lambda s: (s * s).sum(0), samples)
+
+    return _chunked_sum(chunk_moments, jax.random.split(key, num_probes), probe_batch_size)
+
+
+def _check_hutchinson_args(loss_fn, params, batch, num_probes, probe_batch_size, distribution, minimum=1):
+    if not isinstance(num_probes, int) or isinstance(num_probes, bool) or num_probes < minimum:
+        raise ValueError(f"num_probes must be an integer of at least {minimum}; got {num_probes!r}.")
+    _check_positive(probe_batch_size, "probe_batch_size", allow_none=True)
+    _check_choice(distribution, _DISTRIBUTIONS, "distribution")
+    _check_scalar_loss(loss_fn, params, batch)
+
+
+def hutchinson_diagonal(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    key: jax.Array,
+    *,
+    num_probes: int,
+    probe_batch_size: int | None = None,
+    distribution: str = "rademacher",
+) -> PyTree:
+    """Hutchinson's estimate of diag(H): the mean over probes ``v`` of ``v * (H v)``.
+
+    Unbiased for both distributions; Rademacher probes have the smaller variance (the Gaussian adds ``2 H_ii^2``
+    per entry). For a diagonal Hessian a single Rademacher probe is exact.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, a mean over the batch.
+      params: parameters, any pytree.
+      batch: the data the Hessian is taken on.
+      key: PRNG key; probe ``i`` comes from ``jax.random.split(key, num_probes)[i]``.
+      num_probes: number of probes (static).
+      probe_batch_size: ``None`` vmaps all probes at once; an integer evaluates that many at a time, so peak memory
+        is set by it rather than by ``num_probes`` (static). The estimate is the same for the same key.
+      distribution: ``"rademacher"`` or ``"gaussian"`` (static).
+
+    Returns:
+      The estimated diagonal, shaped like ``params``. Costs ``num_probes`` Hessian-vector products.
+
+    References:
+      Hutchinson, "A stochastic estimator of the trace of the influence matrix for Laplacian smoothing splines",
+      1989; Bekas, Kokiopoulou and Saad, "An estimator for the diagonal of a matrix", 2007.
+    """
+    _check_hutchinson_args(loss_fn, params, batch, num_probes, probe_batch_size, distribution)
+    total, _ = _hutchinson_moments(loss_fn, params, batch, key, num_probes, probe_batch_size, distribution)
+    return jax.tree.map(lambda s: s / num_probes, total)
+
+
+def hutchinson_diagonal_with_stderr(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    key: jax.Array,
+    *,
+    num_probes: int,
+    probe_batch_size: int | None = None,
+    distribution: str = "rademacher",
+) -> tuple[PyTree, PyTree]:
+    """:func:`hutchinson_diagonal` with the standard error of each entry (sample std over probes / sqrt(K)).
+
+    Takes the same arguments; ``num_probes`` must be at least 2. Returns ``(mean, stderr)``, both shaped like
+    ``params``; ``mean`` equals :func:`hutchinson_diagonal` for the same key.
+    """
+    _check_hutchinson_args(loss_fn, params, batch, num_probes, probe_batch_size, distribution, minimum=2)
+    total, total_sq = _hutchinson_moments(loss_fn, params, batch, key, num_probes, probe_batch_size, distribution)
+    mean = jax.tree.map(lambda s: s / num_probes, total)
+
+    def stderr(s, sq):
+        variance = jnp.maximum(sq - s * s / num_probes, 0.0) / (num_probes - 1)
+        return jnp.sqrt(variance / num_probes)
+
+    return mean, jax.tree.map(stderr, total, total_sq)
+
+
+def exact_diagonal(loss_fn: LossFn, params: PyTree, batch: PyTree, *, basis_batch_size: int = 64) -> PyTree:
+    """The exact Hessian diagonal, one Hessian-vector product per parameter: a reference for small models.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: parameters, any pytree (raveled internally to enumerate basis directions).
+      batch: the data the Hessian is taken on.
+      basis_batch_size: basis directions evaluated at once (static); bounds memory at that many gradients.
+
+    Returns:
+      ``diag(H)`` shaped like ``params``. Costs as many Hessian-vector products as there are parameters.
+    """
+    _check_positive(basis_batch_size, "basis_batch_size")
+    _check_scalar_loss(loss_fn, params, batch)
+    flat, unravel = ravel_pytree(params)
+
+    def entry(index):
+        basis = jnp.zeros_like(flat).at[index].set(1)
+        return ravel_pytree(_hvp(loss_fn, params, batch, unravel(basis)))[0][index]
+
+    return unravel(jax.lax.map(entry, jnp.arange(flat.size), batch_size=basis_batch_size))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gauss-Newton diagonals for softmax cross-entropy.
+#
+# For the mean loss over B examples, GGN = (1/B) sum_n J_n^T (diag(p_n) - p_n p_n^T) J_n, with J_n the Jacobian of
+# example n's logits. Writing the logit-space Hessian as a sum of K outer products u u^T turns its diagonal into
+# (1/B) sum_n sum_k (J_n^T u_{n,k})^2: squared per-example vector-Jacobian products. Two factorizations are used:
+#   exact (ggn_diagonal):  u_{n,c} = sqrt(p_c) (e_c - p), c = 1..C      (sum_c u u^T = diag(p) - p p^T exactly)
+#   sampled (gnb_diagonal): u_{n,k} = (p - e_{y_k}) / sqrt(K), y_k ~ p  (unbiased for the same matrix)
+# The squares are then formed either layer by layer in closed form ("layerwise", the fast path) or from
+# materialized per-example gradients ("naive", for any logits_fn).
+
+
+def _ggn_factor(logits: jax.Array, aux: None) -> jax.Array:
+    """[K=C, b, C] columns of the symmetric factor of diag(p) - p p^T."""
+    del aux
+    probs = jax.nn.softmax(logits, axis=-1)
+    eye = jnp.eye(logits.shape[-1], dtype=logits.dtype)
+    return jnp.sqrt(probs).T[:, :, None] * (eye[:, None, :] - probs[None, :, :])
+
+
+def _gnb_factor(num_samples: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    def factor(logits: jax.Array, keys: jax.Array) -> jax.Array:
+        """[K=num_samples, b, C]: (p - e_y) / sqrt(K) for labels y sampled from the model, one key per example."""
+        probs = jax.nn.softmax(logits, axis=-1)
+        labels = jax.vmap(lambda k, z: jax.random.categorical(k, z, shape=(num_samples,)))(keys, logits)
+        onehot = jax.nn.one_hot(labels.T, logits.shape[-1], dtype=logits.dtype)
+        return (probs[None] - onehot) / jnp.sqrt(jnp.asarray(num_samples, logits.dtype))
+
+    return factor
+
+
+def _naive_sum_of_squares(logits_fn, params, factor, inputs, aux):
+    """sum_n sum_k (J_n^T u_{n,k})^2 from per-example vector-Jacobian products (any logits_fn)."""
+
+    def one_example(x, a):
+        logits, vjp_fn = jax.vjp(lambda p: logits_fn(p, x[None])[0], params)
+        columns = factor(logits[None], None if a is None else a[None])[:, 0]  # [K, C]
+        grads = jax.vmap(lambda u: vjp_fn(u)[0])(columns)
+        return jax.tree.map(lambda g: (g * g).sum(0), grads)
+
+    per_example = jax.vmap(one_example, in_axes=(0, None if aux is None else 0))(inputs, aux)
+    return jax.tree.map(lambda s: s.sum(0), per_example)
+
+
+# Layers whose per-example squared gradients have closed forms. Each is intercepted when called: its input (or, for
+# batch norm, its normalized input) is recorded and a zero perturbation is added to its output, so that one
+# vector-Jacobian product with respect to the perturbations back-propagates the signal at every layer output.
+_LAYER_PARAMS = {nn.Dense: ("kernel", "bias"), nn.Conv: ("kernel", "bias"), nn.BatchNorm: ("scale", "bias")}
+
+
+def _params_by_path(params: PyTree) -> dict[tuple, jax.Array]:
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {tuple(getattr(k, "key", getattr(k, "name", k)) for k in path): leaf for path, leaf in flat}
+
+
+def _layer_is_supported(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    kind = type(module)
+    if kind is nn.Conv:
+        return (
+            module.feature_group_count == 1
+            and module.mask is None
+            and not (isinstance(module.padding, str) and module.padding.upper() in ("CIRCULAR", "CAUSAL"))
+            and (module.input_dilation is None or set(_as_tuple(module.input_dilation, 1)) == {1})
+            and args[0].ndim == len(_as_tuple(module.kernel_size, 1)) + 2
+        )
+    if kind is nn.BatchNorm:
+        running = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+        running = module.use_running_average if running is None else running
+        return running is True and module.axis in (-1, args[0].ndim - 1) and kwargs.get("mask") is None
+    return kind is nn.Dense
+
+
+def _as_tuple(value, ndim):
+    if value is None:
+        return (1,) * ndim
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * ndim
+
+
+class _Tape:
+    """Records, during one trace of ``logits_fn``, the supported layers and the parameter leaves they own."""
+
+    def __init__(self, params: PyTree, perturbations: dict | None = None):
+        self.by_path = _params_by_path(params)
+        self.perturbations = perturbations
+        self.layers: dict[tuple, tuple[nn.Module, tuple[str, ...]]] = {}  # module path -> (module, leaf names)
+        self.output_shapes: dict[tuple, jax.ShapeDtypeStruct] = {}
+        self.features: dict[tuple, jax.Array] = {}
+        self.repeated: set[tuple] = set()
+
+    def __call__(self, next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or type(module) not in _LAYER_PARAMS:
+            return next_fun(*args, **kwargs)
+        output = next_fun(*args, **kwargs)
+        path = tuple(module.path)
+        owned = module.variables.get("params", {})
+        # A layer counts only if its parameters are the very arrays passed in as params (not copies or functions
+        # of them) and it is called once; otherwise the closed forms would not be gradients with respect to params.
+        if path in self.layers:
+            self.repeated.add(path)
+        names = tuple(n for n in _LAYER_PARAMS[type(module)] if n in owned and owned[n] is self.by_path.get(path + (n,)))
+        if len(names) != len(owned) or not _layer_is_supported(module, args, kwargs):
+            return output
+        self.layers[path] = (module, names)
+        self.output_shapes[path] = jax.ShapeDtypeStruct(output.shape, output.dtype)
+        x = args[0]
+        if type(module) is nn.BatchNorm:
+            stats = module.variables["batch_stats"]
+            x = (x - stats["mean"]) * jax.lax.rsqrt(stats["var"] + module.epsilon)
+        self.features[path] = x
+        if self.perturbations is not None:
+            output = output + self.perturbations[path]
+        return output
+
+    def uncovered(self) -> list[tuple]:
+        covered = {path + (name,) for path, (_, names) in self.layers.items() for name in names}
+        covered -= {path + (name,) for path in self.repeated for name in self.layers[path][1]}
+        return [path for path in self.by_path if path not in covered]
+
+
+def _discover_layers(logits_fn: LogitsFn, params: PyTree, inputs: jax.Array) -> _Tape:
+    tape = _Tape(params)
+
+    def trace(p, x):
+        tape.by_path = _params_by_path(p)
+        with nn.intercept_methods(tape):
+            return logits_fn(p, x)
+
+    jax.eval_shape(trace, params, inputs)
+    return tape
+
+
+def _dense_squares(x, delta, names):
+    """x [b, ..., I], delta [K, b, ..., O] -> per-parameter sums of squared per-example gradients."""
+    out = {}
+    if x.ndim == 2:  # no weight sharing: the square of an outer product is the outer product of squares
+        out["kernel"] = jnp.einsum("bi,kbo->io", x * x, delta * delta)
+        bias_grads = delta
+    else:
+        grads = jnp.einsum("b...i,kb...o->kbio", x, delta)
+        out["kernel"] = (grads * grads).sum((0, 1))
+        bias_grads = delta.sum(tuple(range(2, delta.ndim - 1)))
+    if "bias" in names:
+        out["bias"] = (bias_grads * bias_grads).reshape(-1, delta.shape[-1]).sum(0)
+    return out
+
+
+def _conv_squares(module, x, delta, names):
+    """Per-example conv kernel gradients from unfolded input patches, squared and summed."""
+    ndim = x.ndim - 2
+    kernel_size = _as_tuple(module.kernel_size, ndim)
+    strides = _as_tuple(module.strides, ndim)
+    dilation = _as_tuple(module.kernel_dilation, ndim)
+    padding = module.padding
+    if isinstance(padding, int):
+        padding = [(padding, padding)] * ndim
+    elif not isinstance(padding, str):
+        padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    spatial = "HWD"[:ndim]
+    patches = jax.lax.conv_general_dilated_patches(
+        x,
+        kernel_size,
+        strides,
+        padding,
+        rhs_dilation=dilation,
+        dimension_numbers=("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"),
+    )  # [b, *out_spatial, Cin * prod(kernel_size)], features ordered (Cin, *kernel_size)
+    num_k, b, out_features = delta.shape[0], delta.shape[1], delta.shape[-1]
+    patches = patches.reshape(b, -1, patches.shape[-1])
+    signals = jnp.moveaxis(delta.reshape(num_k, b, -1, out_features), 0, 2).reshape(b, patches.shape[1], -1)
+    grads = jnp.einsum("bpf,bpm->bfm", patches, signals)  # [b, F, K * O]
+    squares = (grads * grads).sum(0).reshape(patches.shape[-1], num_k, out_features).sum(1)
+    in_features = x.shape[-1]
+    kernel = squares.reshape(in_features, *kernel_size, out_features)
+    out = {"kernel": jnp.moveaxis(kernel, 0, ndim)}
+    if "bias" in names:
+        bias_grads = delta.reshape(num_k, b, -1, out_features).sum(2)
+        out["bias"] = (bias_grads * bias_grads).sum((0, 1))
+    return out
+
+
+def _batch_norm_squares(x_hat, delta, names):
+    """Eval-mode batch norm: per-example gradients are sums over positions of delta * x_hat (scale), delta (bias)."""
+    num_k, b, features = delta.shape[0], delta.shape[1], delta.shape[-1]
+    delta = delta.reshape(num_k, b, -1, features)
+    grads = {"scale": (delta * x_hat.reshape(1, b, -1, features)).sum(2), "bias": delta.sum(2)}
+    return {name: (grads[name] ** 2).sum((0, 1)) for name in names}
+
+
+def _layerwise_sum_of_squares(logits_fn, params, factor, inputs, aux):
+    """sum_n sum_k (J_n^T u_{n,k})^2 with closed forms per layer: one batched forward, K batched backward passes
+    with respect to the layer outputs only, and no per-example gradient of the whole network."""
+    shapes = _discover_layers(logits_fn, params, inputs).output_shapes
+    zeros = {path: jnp.zeros(s.shape, s.dtype) for path, s in shapes.items()}
+
+    def forward(perturbations):
+        tape = _Tape(params, perturbations)
+        with nn.intercept_methods(tape):
+            logits = logits_fn(params, inputs)
+        return logits, tape
+
+    # The tape holds modules (not arrays), so it leaves jax.vjp through a closure rather than as aux output.
+    taped = {}
+
+    def forward_logits(perturbations):
+        logits, tape = forward(perturbations)
+        taped["tape"] = tape
+        return logits, tape.features
+
+    logits, vjp_fn, features = jax.vjp(forward_logits, zeros, has_aux=True)
+    deltas = jax.vmap(lambda u: vjp_fn(u)[0])(factor(logits, aux))  # path -> [K, b, *output]
+    tape = taped["tape"]
+    squares = {}
+    for path, (module, names) in tape.layers.items():
+        x, delta = features[path], deltas[path]
+        if type(module) is nn.Dense:
+            layer = _dense_squares(x, delta, names)
+        elif type(module) is nn.Conv:
+            layer = _conv_squares(module, x, delta, names)
+        else:
+            layer = _batch_norm_squares(x, delta, names)
+        squares.update({path + (name,): value for name, value in layer.items()})
+    leaves_with_path = jax.tree_util.tree_flatten_with_path(params)
+    paths = list(_params_by_path(params))
+    return jax.tree.unflatten(leaves_with_path[1], [squares[path] for path in paths])
+
+
+def _resolve_method(method: str, logits_fn: LogitsFn, params: PyTree, inputs: jax.Array) -> str:
+    _check_choice(method, _METHODS, "method")
+    if method == "naive":
+        return method
+    uncovered = _discover_layers(logits_fn, params, inputs).uncovered()
+    if not uncovered:
+        return "layerwise"
+    if method == "layerwise":
+        names = ", ".join("/".join(map(str, p)) for p in uncovered[:5])
+        raise ValueError(
+            f"method='layerwise' needs every parameter to belong to a Flax nn.Dense, nn.Conv or eval-mode "
+            f"nn.BatchNorm that logits_fn calls once, with params passed through unchanged; not covered: {names}"
+            f"{' ...' if len(uncovered) > 5 else ''}. Use method='auto' or 'naive' for this model."
+        )
+    return "naive"
+
+
+def _gauss_newton_diagonal(logits_fn, params, inputs, factor, aux, example_batch_size, method):
+    _check_positive(example_batch_size, "example_batch_size", allow_none=True)
+    _check_logits(logits_fn, params, inputs)
+    method = _resolve_method(method, logits_fn, params, inputs)
+    body = _layerwise_sum_of_squares if method == "layerwise" else _naive_sum_of_squares
+
+    def chunk(xs):
+        x, a = xs
+        return body(logits_fn, params, factor, x, a)
+
+    total = _chunked_sum(chunk, (inputs, aux), example_batch_size)
+    batch_size = _leading_size(inputs)
+    return jax.tree.map(lambda s: s / batch_size, total)
+
+
+def ggn_diagonal(
+    logits_fn: LogitsFn,
+    params: PyTree,
+    inputs: jax.Array,
+    *,
+    example_batch_size: int | None = None,
+    method: str = "auto",
+) -> PyTree:
+    """The exact diagonal of the generalized Gauss-Newton matrix of the mean softmax cross-entropy.
+
+    For networks that are piecewise linear in their parameters (ReLU, max-pool, eval-mode batch norm, residual
+    additions) this *is* the Hessian diagonal; for smooth activations (tanh) it drops the curvature of the network
+    itself. It needs no labels (the cross-entropy Hessian in logit space, diag(p) - p p^T, does not depend on them).
+
+    Args:
+      logits_fn: ``logits_fn(params, inputs) -> [B, C]``.
+      params: parameters, any pytree.
+      inputs: [B, ...] inputs.
+      example_batch_size: examples processed at once (static); bounds memory. ``None`` takes all at once.
+      method: ``"layerwise"`` forms each Flax ``Dense``/``Conv``/eval-mode ``BatchNorm`` layer's per-example
+        squares in closed form from C batched backward passes (about C gradients); ``"naive"`` materializes
+        per-example gradients for any ``logits_fn`` (about B * C single-example backward passes); ``"auto"``
+        (default) takes ``"layerwise"`` when every parameter belongs to such a layer and ``"naive"`` otherwise.
+
+    Returns:
+      The diagonal, shaped like ``params``.
+
+    References:
+      Martens, "New insights and perspectives on the natural gradient method", 2020; Dangel, Kunstner and Hennig,
+      "BackPACK: Packing more into backprop", 2020.
+    """
+    return _gauss_newton_diagonal(logits_fn, params, inputs, _ggn_factor, None, example_batch_size, method)
+
+
+def gnb_diagonal(
+    logits_fn: LogitsFn,
+    params: PyTree,
+    inputs: jax.Array,
+    key: jax.Array,
+    *,
+    num_samples: int = 1,
+    example_batch_size: int | None = None,
+    method: str = "auto",
+) -> PyTree:
+    """Monte Carlo Gauss-Newton diagonal (Gauss-Newton-Bartlett): squared per-example gradients of the
+    cross-entropy at labels sampled from the model's own softmax, ``num_samples`` labels per example.
+
+    An unbiased, non-negative estimate of :func:`ggn_diagonal` at ``num_samples / C`` of its cost. Arguments as in
+    :func:`ggn_diagonal`; ``key`` draws the labels (example ``n`` uses ``jax.random.split(key, B)[n]``, so the
+    estimate does not depend on ``example_batch_size``).
+
+    References:
+      Wei, Zhang, Li et al., "Sophia: A scalable stochastic second-order optimizer", 2023 (the GNB estimator).
+    """
+    _check_positive(num_samples, "num_samples")
+    keys = jax.random.split(key, _leading_size(inputs))
+    return _gauss_newton_diagonal(
+        logits_fn, params, inputs, _gnb_factor(num_samples), keys, example_batch_size, method
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# First-order saliencies.
+
+
+def fisher_diagonal(
+    loss_fn: LossFn, params: PyTree, batch: PyTree, *, example_batch_size: int | None = None
+) -> PyTree:
+    """Empirical Fisher diagonal: the mean over examples of the squared per-example gradient of ``loss_fn``
+    (at the data's own labels), as used by selective synaptic dampening.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``; called on one-example batches.
+      params: parameters, any pytree.
+      batch: [B, ...] leaves.
+      example_batch_size: examples processed at once (static); bounds memory.
+
+    Returns:
+      The diagonal, shaped like ``params``.
+    """
+    _check_positive(example_batch_size, "example_batch_size", allow_none=True)
+    _check_scalar_loss(loss_fn, params, batch)
+
+    def chunk(examples):
+        grads = jax.vmap(lambda e: jax.grad(loss_fn)(params, _example(e)))(examples)
+        return jax.tree.map(lambda g: (g * g).sum(0), grads)
+
+    total = _chunked_sum(chunk, batch, example_batch_size)
+    return jax.tree.map(lambda s: s / _leading_size(batch), total)
+
+
+def gradient_saliency(loss_fn: LossFn, params: PyTree, batch: PyTree) -> PyTree:
+    """|gradient| of ``loss_fn`` at ``params``: the SalUn weight saliency (Fan et al., 2023), shaped like params."""
+    _check_scalar_loss(loss_fn, params, batch)
+    return jax.tree.map(jnp.abs, jax.grad(loss_fn)(params, batch))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming over data.
+
+
+def accumulate_diagonal(
+    estimator: Callable[[PyTree, jax.Array], PyTree], batches: Iterable[PyTree], key: jax.Array
+) -> PyTree:
+    """Streaming mean of a diagonal estimate over an iterable of batches, in constant memory.
+
+    Args:
+      estimator: ``estimator(batch, key) -> diagonal pytree`` (deterministic estimators ignore the key), e.g.
+        ``lambda b, k: hutchinson_diagonal(loss_fn, params, b, k, num_probes=8)``; jit it for speed.
+      batches: any iterable of batches; each batch's weight is its number of examples (leading axis), so for a
+        loss that is a mean the result equals the estimate on all the data concatenated.
+      key: PRNG key; batch ``i`` gets ``jax.random.fold_in(key, i)``.
+
+    Returns:
+      The example-weighted mean of the per-batch estimates.
+    """
+    total, count = None, 0
+    for index, batch in enumerate(batches):
+        size = _leading_size(batch)
+        estimate = jax.tree.map(lambda d, s=size: d * s, estimator(batch, jax.random.fold_in(key, index)))
+        total = estimate if total is None else _tree_add(total, estimate)
+        count += size
+    if total is None:
+        raise ValueError("batches is empty; pass at least one batch.")
+    return jax.tree.map(lambda s: s / count, total)
