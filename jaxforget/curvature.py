@@ -15,6 +15,7 @@ Conventions:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -419,52 +420,80 @@ def _discover_layers(logits_fn: LogitsFn, params: PyTree, inputs: jax.Array) -> 
     return tape
 
 
+def _sum_of_squared_products(inputs: jax.Array, signals: jax.Array) -> jax.Array:
+    """sum_n sum_k (inputs_n^T signals_{k,n})^2 for inputs [b, P, F] and signals [K, b, P, O]; returns [F, O].
+
+    Each term is one example's weight gradient for one factor column (a sum over the P positions that share the
+    weight), so it must be formed before squaring. A loop over examples keeps memory at K * F * O and reads each
+    example's signals in place; on 2 CPU cores it measured 1.4x to 5x faster than transposing the signals first or
+    forming all examples' products in one batched contraction.
+    """
+
+    def add_example(index, total):
+        signal = jax.lax.dynamic_index_in_dim(signals, index, axis=1, keepdims=False)  # [K, P, O]
+        grads = jnp.einsum("pf,kpo->fko", inputs[index], signal)
+        return total + (grads * grads).sum(1)
+
+    init = jnp.zeros((inputs.shape[-1], signals.shape[-1]), jnp.result_type(inputs, signals))
+    return jax.lax.fori_loop(0, inputs.shape[0], add_example, init)
+
+
+def _bias_squares(delta: jax.Array) -> jax.Array:
+    """delta [K, b, ..., O] -> sum over K and b of the squared per-example bias gradients (sums over positions)."""
+    grads = delta.reshape(delta.shape[0], delta.shape[1], -1, delta.shape[-1]).sum(2)
+    return (grads * grads).sum((0, 1))
+
+
 def _dense_squares(x, delta, names):
     """x [b, ..., I], delta [K, b, ..., O] -> per-parameter sums of squared per-example gradients."""
-    out = {}
     if x.ndim == 2:  # no weight sharing: the square of an outer product is the outer product of squares
-        out["kernel"] = jnp.einsum("bi,kbo->io", x * x, delta * delta)
-        bias_grads = delta
+        out = {"kernel": jnp.einsum("bi,kbo->io", x * x, delta * delta)}
     else:
-        grads = jnp.einsum("b...i,kb...o->kbio", x, delta)
-        out["kernel"] = (grads * grads).sum((0, 1))
-        bias_grads = delta.sum(tuple(range(2, delta.ndim - 1)))
+        b = x.shape[0]
+        inputs = x.reshape(b, -1, x.shape[-1])
+        out = {"kernel": _sum_of_squared_products(inputs, delta.reshape(delta.shape[0], b, -1, delta.shape[-1]))}
     if "bias" in names:
-        out["bias"] = (bias_grads * bias_grads).reshape(-1, delta.shape[-1]).sum(0)
+        out["bias"] = _bias_squares(delta)
     return out
 
 
-def _conv_squares(module, x, delta, names):
-    """Per-example conv kernel gradients from unfolded input patches, squared and summed."""
+def _conv_patches(module, x, out_spatial):
+    """Unfolded input patches [b, prod(out_spatial), prod(kernel_size) * Cin], features ordered like the Flax
+    kernel (*kernel_size, Cin); built from strided slices, which XLA runs far faster than a patches convolution."""
     ndim = x.ndim - 2
     kernel_size = _as_tuple(module.kernel_size, ndim)
     strides = _as_tuple(module.strides, ndim)
     dilation = _as_tuple(module.kernel_dilation, ndim)
     padding = module.padding
-    if isinstance(padding, int):
+    if isinstance(padding, str):
+        dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation, strict=True)]
+        padding = jax.lax.padtype_to_pads(x.shape[1:-1], dilated, strides, padding)
+    elif isinstance(padding, int):
         padding = [(padding, padding)] * ndim
-    elif not isinstance(padding, str):
+    else:
         padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-    spatial = "HWD"[:ndim]
-    patches = jax.lax.conv_general_dilated_patches(
-        x,
-        kernel_size,
-        strides,
-        padding,
-        rhs_dilation=dilation,
-        dimension_numbers=("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"),
-    )  # [b, *out_spatial, Cin * prod(kernel_size)], features ordered (Cin, *kernel_size)
+    padded = jnp.pad(x, [(0, 0), *padding, (0, 0)])
+    slices = []
+    for offset in itertools.product(*(range(k) for k in kernel_size)):
+        start = [0] + [o * d for o, d in zip(offset, dilation, strict=True)] + [0]
+        limit = (
+            [x.shape[0]]
+            + [s + (n - 1) * st + 1 for s, n, st in zip(start[1:-1], out_spatial, strides, strict=True)]
+            + [x.shape[-1]]
+        )
+        slices.append(jax.lax.slice(padded, start, limit, [1, *strides, 1]))
+    patches = jnp.stack(slices, axis=-2)  # [b, *out_spatial, prod(kernel_size), Cin]
+    return patches.reshape(x.shape[0], -1, len(slices) * x.shape[-1]), kernel_size
+
+
+def _conv_squares(module, x, delta, names):
+    """Per-example conv kernel gradients from unfolded input patches, squared and summed."""
+    patches, kernel_size = _conv_patches(module, x, delta.shape[2:-1])
     num_k, b, out_features = delta.shape[0], delta.shape[1], delta.shape[-1]
-    patches = patches.reshape(b, -1, patches.shape[-1])
-    signals = jnp.moveaxis(delta.reshape(num_k, b, -1, out_features), 0, 2).reshape(b, patches.shape[1], -1)
-    grads = jnp.einsum("bpf,bpm->bfm", patches, signals)  # [b, F, K * O]
-    squares = (grads * grads).sum(0).reshape(patches.shape[-1], num_k, out_features).sum(1)
-    in_features = x.shape[-1]
-    kernel = squares.reshape(in_features, *kernel_size, out_features)
-    out = {"kernel": jnp.moveaxis(kernel, 0, ndim)}
+    squares = _sum_of_squared_products(patches, delta.reshape(num_k, b, -1, out_features))
+    out = {"kernel": squares.reshape(*kernel_size, x.shape[-1], out_features)}
     if "bias" in names:
-        bias_grads = delta.reshape(num_k, b, -1, out_features).sum(2)
-        out["bias"] = (bias_grads * bias_grads).sum((0, 1))
+        out["bias"] = _bias_squares(delta)
     return out
 
 
@@ -472,8 +501,13 @@ def _batch_norm_squares(x_hat, delta, names):
     """Eval-mode batch norm: per-example gradients are sums over positions of delta * x_hat (scale), delta (bias)."""
     num_k, b, features = delta.shape[0], delta.shape[1], delta.shape[-1]
     delta = delta.reshape(num_k, b, -1, features)
-    grads = {"scale": (delta * x_hat.reshape(1, b, -1, features)).sum(2), "bias": delta.sum(2)}
-    return {name: (grads[name] ** 2).sum((0, 1)) for name in names}
+    out = {}
+    if "scale" in names:
+        scale_grads = (delta * x_hat.reshape(1, b, -1, features)).sum(2)
+        out["scale"] = (scale_grads * scale_grads).sum((0, 1))
+    if "bias" in names:
+        out["bias"] = _bias_squares(delta)
+    return out
 
 
 def _layerwise_sum_of_squares(logits_fn, params, factor, inputs, aux):

@@ -38,6 +38,19 @@ class Batch(NamedTuple):
     labels: jax.Array
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pool with stride 2 on [B, H, W, C] (H and W even), as a reshape and a max.
+
+    Same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``; its gradient splits ties evenly where
+    ``nn.max_pool`` picks one entry, which changes nothing after a ReLU (tied zeros get no gradient) and makes the
+    backward pass about 9x faster on XLA's CPU backend than the select-and-scatter that ``nn.max_pool`` lowers to.
+    """
+    b, h, w, c = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"max_pool_2x2 needs even height and width; got an input of shape {x.shape}.")
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class CNN(nn.Module):
     """The paper's small ReLU CNN for 28x28x1 images: two conv + max-pool blocks and two dense layers.
 
@@ -55,8 +68,7 @@ class CNN(nn.Module):
             x = nn.Conv(width, (3, 3), padding="SAME")(x)
             if self.use_batch_norm:
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-            x = nn.relu(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = max_pool_2x2(nn.relu(x))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(self.hidden)(x))
         return nn.Dense(self.num_classes)(x)
