@@ -1,27 +1,29 @@
 """Benchmark of the diagonal curvature estimators: cost, memory and how well each one selects parameters.
 
-For each model and estimator it records the median time of ``--repeats`` jitted runs after a warm-up, that time
-in gradient-equivalents (divided by the median time of a jitted ``jax.grad`` of the same loss), the compiled
-temporary memory (``memory_analysis().temp_size_in_bytes``), the relative error against an exact float64
-diagonal and the top-k recall of that diagonal's largest (signed) entries at k = 0.1%, 1% and 10% of the
-parameters.
+For each model and estimator it records the median time of ``--repeats`` jitted runs after a warm-up,
+that time in gradient-equivalents (divided by the median time of a jitted ``jax.grad`` of the same loss),
+the compiled temporary memory (``memory_analysis().temp_size_in_bytes``), the relative error against an
+exact float64 diagonal and the top-k recall of that diagonal's largest (signed) entries at k = 0.1%, 1% and
+10% of the parameters.
 
 Models:
 
-- ``mlp``: the tanh MLP (hidden 50, 3,760 parameters) on scikit-learn's 8x8 digits; reference: the exact Hessian
-  diagonal (``exact_diagonal``, one Hessian-vector product per parameter).
-- ``cnn``: the paper's ReLU CNN (421,642 parameters) on real MNIST digits (``mnist5k``); reference: the exact GGN
-  diagonal (``ggn_diagonal(method="naive")``), which equals the Hessian diagonal for a network that is piecewise
-  linear in its parameters. BackPACK's ``DiagGGNExact`` runs beside it on the same weights and batch.
+- ``mlp``: the tanh MLP (hidden 50, 3,760 parameters) on scikit-learn's 8x8 digits; reference: the exact
+  Hessian diagonal (``exact_diagonal``, one Hessian-vector product per parameter).
+- ``cnn``: the paper's ReLU CNN (421,642 parameters) on real MNIST digits (``mnist5k``); reference: the exact
+  GGN diagonal (``ggn_diagonal(method="naive")``), which equals the Hessian diagonal for a network that is
+  piecewise linear in its parameters. BackPACK's ``DiagGGNExact`` runs beside it on the same weights and
+  batch when ``torch`` and ``backpack-for-pytorch`` (the ``peers`` extra) are installed.
 - ``resnet18`` (``--resnet``, meant for a GPU): random images, no reference; Hutchinson and GGN costs only.
 
-Both the MLP and the CNN are first trained for ``--train-steps`` Adam steps, since the paper takes the Hessian at
-the learned parameters. Estimators run in float32; the references in float64.
+The MLP and the CNN are first trained for ``--train-steps`` Adam steps, since the paper takes the Hessian at
+the learned parameters. Estimators run in float32; the references in float64. Runs whose compiled temporary
+memory exceeds ``--memory-limit-gb`` are compiled (their memory is reported) but not run.
 
-Run from the repository root::
+With jaxforget installed (``pip install -e .``), from the repository root::
 
-    python benchmarks/curvature.py            # full run, writes benchmarks/results/curvature-<device>.json
-    python benchmarks/curvature.py --quick    # smoke check, well under a minute on CPU
+    python benchmarks/curvature.py            # writes benchmarks/results/curvature-<device>.json
+    python benchmarks/curvature.py --quick    # smoke check, writes curvature-<device>-quick.json
     python benchmarks/curvature.py --resnet --memory-limit-gb 100   # on a GPU
 """
 
@@ -57,6 +59,7 @@ PROBE_COUNTS = (1, 4, 16, 64, 256)
 PROBE_BATCH_SIZE = 8
 TRAIN_BATCH_SIZE = 128
 LEARNING_RATE = 1e-3
+EXACT_BASIS_BATCH_SIZE = 256
 REFERENCE_EXAMPLE_BATCH_SIZE = 8  # bounds the float64 per-example gradients of the naive GGN reference
 
 # fn(model, params, batch_stats, batch, key) -> a diagonal (or saliency) shaped like params.
@@ -81,7 +84,7 @@ class Estimator(NamedTuple):
     is_diagonal_estimate: bool = True  # False for saliencies whose scale is not that of diag(H)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Estimators, each a function of arrays only (the model is a static Python object).
 
 
@@ -104,9 +107,7 @@ def _ggn(method: str, example_batch_size: int | None = None) -> EstimatorFn:
     def run(model, params, batch_stats, batch, key):
         del key
         logits_fn = jf.logits_fn_for(model, batch_stats)
-        return jf.ggn_diagonal(
-            logits_fn, params, batch.inputs, method=method, example_batch_size=example_batch_size
-        )
+        return jf.ggn_diagonal(logits_fn, params, batch.inputs, method=method, example_batch_size=example_batch_size)
 
     return run
 
@@ -131,7 +132,8 @@ def _saliency(model, params, batch_stats, batch, key):
 
 def _exact(model, params, batch_stats, batch, key):
     del key
-    return jf.exact_diagonal(jf.loss_fn_for(model, batch_stats), params, batch, basis_batch_size=256)
+    loss_fn = jf.loss_fn_for(model, batch_stats)
+    return jf.exact_diagonal(loss_fn, params, batch, basis_batch_size=EXACT_BASIS_BATCH_SIZE)
 
 
 def hutchinson_estimators(probe_counts: list[int]) -> list[Estimator]:
@@ -156,7 +158,7 @@ def common_estimators() -> list[Estimator]:
     ]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Measurement.
 
 
@@ -230,7 +232,7 @@ def make_row(problem: Problem, estimator: str, settings: dict, seconds, grad_sec
 
 
 def benchmark_problem(problem: Problem, estimators: list[Estimator], args, console: Console) -> list[dict]:
-    """One row for the gradient and one per estimator, each timed in float32 and scored against the reference."""
+    """A row for the gradient and one per estimator: timed in float32, scored against the reference."""
     limit = args.memory_limit_gb * 2**30
     call_args = (problem.params, problem.batch_stats, problem.batch, jax.random.key(args.seed))
     grad = measure(lambda *a: _gradient(problem.model, *a), call_args, args.repeats, limit)
@@ -248,12 +250,14 @@ def benchmark_problem(problem: Problem, estimators: list[Estimator], args, conso
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Problems.
 
 
 def to_float64(tree):
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+    """Floating-point leaves cast to float64; integer leaves (labels) kept."""
+    cast = lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    return jax.tree.map(cast, tree)
 
 
 def train(model: nn.Module, params, data: jf.Batch, steps: int, seed: int):
@@ -274,29 +278,16 @@ def train(model: nn.Module, params, data: jf.Batch, steps: int, seed: int):
     return params
 
 
-def trained_problem(name: str, model: nn.Module, dataset: str, args, reference_fn: Callable) -> Problem:
-    """``model`` trained on ``dataset``, a curvature batch of ``--batch-size`` examples and its reference."""
+def trained_problem(name: str, model: nn.Module, dataset: str, args, reference: EstimatorFn) -> Problem:
+    """``model`` trained on ``dataset``, a curvature batch of ``--batch-size`` examples and the float64
+    ``reference`` diagonal on it."""
     data = jf.embedded_dataset(dataset)
     params = jf.init_model(model, jax.random.key(args.seed), (1, *data.inputs.shape[1:]))["params"]
     params = train(model, params, data, args.train_steps, args.seed)
     index = np.random.default_rng(args.seed + 1).permutation(len(data.labels))[: args.batch_size]
     batch = jf.Batch(jnp.asarray(data.inputs[index]), jnp.asarray(data.labels[index]))
-    reference = jax.jit(lambda p, b: reference_fn(model, p, b))(to_float64(params), to_float64(batch))
-    return Problem(name, model, params, None, batch, reference)
-
-
-def _mlp_reference(model, params, batch):
-    return jf.exact_diagonal(jf.loss_fn_for(model), params, batch, basis_batch_size=256)
-
-
-def _cnn_reference(model, params, batch):
-    return jf.ggn_diagonal(
-        jf.logits_fn_for(model),
-        params,
-        batch.inputs,
-        method="naive",
-        example_batch_size=REFERENCE_EXAMPLE_BATCH_SIZE,
-    )
+    run = lambda p, b: reference(model, p, None, b, None)
+    return Problem(name, model, params, None, batch, jax.jit(run)(to_float64(params), to_float64(batch)))
 
 
 def resnet_problem(args) -> Problem:
@@ -312,7 +303,7 @@ def resnet_problem(args) -> Problem:
     return Problem("resnet18", model, variables["params"], variables["batch_stats"], batch, None)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # The BackPACK peer and the agreement checks.
 
 
@@ -329,7 +320,8 @@ def backpack_rows(problem: Problem, jax_grad_seconds: float, args) -> tuple[list
     seconds = torch_peer.time_backpack_diag_ggn_exact(params, images, labels, "float32", args.repeats)
     estimate = torch_peer.backpack_diag_ggn_exact(params, images, labels, "float32")
     rows = []
-    for name, time_s, output in (("torch_gradient", grad_seconds, None), ("backpack_diag_ggn_exact", seconds, estimate)):
+    runs = (("torch_gradient", grad_seconds, None), ("backpack_diag_ggn_exact", seconds, estimate))
+    for name, time_s, output in runs:
         settings = {"framework": "torch", "jax_grad_equivalents": time_s / jax_grad_seconds}
         row = make_row(problem, name, settings, time_s, grad_seconds, None)
         row.update(quality(output, problem.reference, True))
@@ -338,8 +330,9 @@ def backpack_rows(problem: Problem, jax_grad_seconds: float, args) -> tuple[list
     exact64 = torch_peer.backpack_diag_ggn_exact(params, images.astype(np.float64), labels, "float64")
     flax_logits = jf.logits_fn_for(problem.model)(to_float64(params), jnp.asarray(images, jnp.float64))
     torch_logits = torch_peer.torch_logits(params, images.astype(np.float64), "float64")
+    logits_diff = np.max(np.abs(np.asarray(flax_logits) - torch_logits))
     checks = {
-        "cnn_torch_vs_flax_logits_max_abs_diff": float(np.max(np.abs(np.asarray(flax_logits) - torch_logits))),
+        "cnn_torch_vs_flax_logits_max_abs_diff": float(logits_diff),
         **agreement("cnn_backpack_vs_ggn_naive_float64", exact64, problem.reference),
     }
     return rows, checks
@@ -348,17 +341,18 @@ def backpack_rows(problem: Problem, jax_grad_seconds: float, args) -> tuple[list
 def agreement(name: str, estimate, reference) -> dict[str, float]:
     """Max absolute difference and that difference relative to the largest reference entry."""
     diff = np.max(np.abs(flat(estimate) - flat(reference)))
-    return {f"{name}_max_abs_diff": float(diff), f"{name}_max_rel_diff": float(diff / np.max(np.abs(flat(reference))))}
+    scale = np.max(np.abs(flat(reference)))
+    return {f"{name}_max_abs_diff": float(diff), f"{name}_max_rel_diff": float(diff / scale)}
 
 
 def layerwise_check(problem: Problem) -> dict[str, float]:
     """The fast layerwise GGN in float64 against the naive float64 reference."""
-    run = lambda params, batch: _ggn("layerwise")(problem.model, params, None, batch, None)
+    run = lambda p, b: _ggn("layerwise")(problem.model, p, None, b, None)
     layerwise = jax.jit(run)(to_float64(problem.params), to_float64(problem.batch))
     return agreement(f"{problem.name}_ggn_layerwise_vs_naive_float64", layerwise, problem.reference)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Output.
 
 
@@ -373,11 +367,10 @@ def print_table(rows: list[dict], checks: dict, console: Console) -> None:
     for name in RECALL_FRACTIONS:
         table.add_column(name.removeprefix("recall"), justify="right")
     for row in rows:
-        settings = ", ".join(f"{k}={_fmt(v, '.3g') if isinstance(v, float) else v}" for k, v in row["settings"].items())
         table.add_row(
             row["model"],
             row["estimator"],
-            settings,
+            settings_text(row["settings"]),
             str(row["batch_size"]),
             _fmt(row["time_ms"], ".1f"),
             _fmt(row["grad_equivalents"], ".1f"),
@@ -391,50 +384,67 @@ def print_table(rows: list[dict], checks: dict, console: Console) -> None:
 
 
 def write_json(payload: dict, path: pathlib.Path) -> None:
-    """Writes ``payload`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
+    """Writes ``payload`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
         json.dump(payload, handle, indent=1)
     os.replace(handle.name, path)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=64, help="curvature batch of the MLP and the CNN")
-    parser.add_argument("--max-probes", type=int, default=PROBE_COUNTS[-1], help="largest Hutchinson probe count")
+    parser.add_argument("--max-probes", type=int, default=PROBE_COUNTS[-1], help="cap on Hutchinson probes")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per estimator, after one warm-up")
-    parser.add_argument("--train-steps", type=int, default=300, help="Adam steps before measuring (0: at init)")
-    parser.add_argument("--memory-limit-gb", type=float, default=8.0, help="skip runs whose temp memory is larger")
+    parser.add_argument("--train-steps", type=int, default=300, help="Adam steps first (0: at init)")
+    parser.add_argument("--memory-limit-gb", type=float, default=8.0, help="skip runs needing more temp memory")
     parser.add_argument("--resnet", action="store_true", help="add ResNet-18 costs (meant for a GPU)")
     parser.add_argument("--resnet-batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=pathlib.Path, help="JSON path (default results/curvature-<device>.json)")
-    parser.add_argument("--quick", action="store_true", help="smoke check: batch 8, 4 probes, 2 repeats, 20 steps")
+    parser.add_argument("--quick", action="store_true", help="smoke check; its timings mean nothing")
     args = parser.parse_args(argv)
     if args.quick:
-        args.batch_size, args.max_probes, args.repeats, args.train_steps = 8, 4, 2, 20
+        args.batch_size, args.max_probes, args.repeats, args.train_steps = 8, 4, 2, 5
         args.resnet_batch_size = 8
     return args
 
 
+def disable_backend_optimizations() -> None:
+    """Compiles with XLA's backend optimizations off: compiling, not running, dominates a smoke run.
+
+    Must run before JAX creates its backend (the first ``jax.devices()`` or computation).
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+
+
+def settings_text(settings: dict) -> str:
+    return ", ".join(f"{k}={format(v, '.3g') if isinstance(v, float) else v}" for k, v in settings.items())
+
+
 def main(argv: list[str] | None = None) -> None:
-    jax.config.update("jax_enable_x64", True)  # for the references; every estimator still runs in float32
     args = parse_args(argv)
-    console = Console()
+    if args.quick:
+        disable_backend_optimizations()
+    jax.config.update("jax_enable_x64", True)  # for the references; every estimator still runs in float32
+    # Wide enough for the table when the output goes to a file or a pipe.
+    console = Console(width=None if sys.stdout.isatty() else 160)
     device = jax.devices()[0].platform
     probe_counts = [k for k in PROBE_COUNTS if k <= args.max_probes]
 
     console.log("training the MLP and computing its exact Hessian diagonal")
-    mlp = trained_problem("mlp", jf.MLP(hidden=(50,), activation="tanh"), "digits", args, _mlp_reference)
+    mlp = trained_problem("mlp", jf.MLP(hidden=(50,), activation="tanh"), "digits", args, _exact)
     console.log("training the CNN and computing its exact GGN (= Hessian) diagonal")
-    cnn = trained_problem("cnn", jf.CNN(), "mnist5k", args, _cnn_reference)
+    cnn_reference = _ggn("naive", example_batch_size=REFERENCE_EXAMPLE_BATCH_SIZE)
+    cnn = trained_problem("cnn", jf.CNN(), "mnist5k", args, cnn_reference)
 
-    exact = Estimator("exact_diagonal", {"basis_batch_size": 256}, _exact)
-    rows = benchmark_problem(mlp, [exact, *hutchinson_estimators(probe_counts), *common_estimators()], args, console)
-    cnn_rows = benchmark_problem(cnn, [*hutchinson_estimators(probe_counts), *common_estimators()], args, console)
+    exact = Estimator("exact_diagonal", {"basis_batch_size": EXACT_BASIS_BATCH_SIZE}, _exact)
+    hutchinson = hutchinson_estimators(probe_counts)
+    rows = benchmark_problem(mlp, [exact, *hutchinson, *common_estimators()], args, console)
+    cnn_rows = benchmark_problem(cnn, [*hutchinson, *common_estimators()], args, console)
     rows += cnn_rows
     checks = layerwise_check(cnn)
     if importlib.util.find_spec("torch") and importlib.util.find_spec("backpack"):
@@ -447,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.resnet:
         resnet = resnet_problem(args)
         resnet_estimators = [
-            *hutchinson_estimators(probe_counts),
+            *hutchinson,
             Estimator("ggn", {"method": "layerwise"}, _ggn("layerwise")),
             Estimator("gnb", {"num_samples": 1}, _gnb(1)),
         ]
@@ -459,15 +469,16 @@ def main(argv: list[str] | None = None) -> None:
             "device": device,
             "device_kind": jax.devices()[0].device_kind,
             "cpu_count": os.cpu_count(),
+            "load_average_1_5_15_min": os.getloadavg(),  # other work on the machine inflates the timings
             "jax_version": jax.__version__,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": shlex.join(["python", *sys.argv]),
-            "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
+            "args": vars(args),
             "checks": checks,
         },
         "rows": rows,
     }
-    path = args.output or RESULTS_DIR / f"curvature-{device}.json"
+    path = RESULTS_DIR / f"curvature-{device}{'-quick' if args.quick else ''}.json"
     write_json(payload, path)
     console.log(f"wrote {path}")
 
