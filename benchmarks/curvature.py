@@ -18,7 +18,8 @@ Models:
 
 The MLP and the CNN are first trained for ``--train-steps`` Adam steps, since the paper takes the Hessian at
 the learned parameters. Estimators run in float32; the references in float64. Runs whose compiled temporary
-memory exceeds ``--memory-limit-gb`` are compiled (their memory is reported) but not run.
+memory exceeds ``--memory-limit-gb`` are compiled (their memory is reported) but not run; runs slower than
+``--time-budget-s`` are timed fewer than ``--repeats`` times (each row records ``timed_runs``).
 
 With jaxforget installed (``pip install -e .``), from the repository root::
 
@@ -164,27 +165,32 @@ def common_estimators() -> list[Estimator]:
 
 class Measurement(NamedTuple):
     seconds: float | None  # None when the run was skipped for memory
+    timed_runs: int  # 0: the time is that of the warm-up run alone
     temp_bytes: int | None
     output: Any
 
 
-def measure(fn: Callable, args: tuple, repeats: int, memory_limit_bytes: float) -> Measurement:
-    """Compiles ``fn`` for ``args``, then times ``repeats`` runs after one warm-up (median, in seconds).
+def measure(fn: Callable, args: tuple, repeats: int, memory_limit_bytes: float, budget_s: float) -> Measurement:
+    """Compiles ``fn`` for ``args``, runs it once to warm up, then times up to ``repeats`` runs (median, seconds).
 
-    Runs are skipped (``seconds=None``) when the compiled temporary memory exceeds ``memory_limit_bytes``.
+    Timed runs stop once warm-up and timed runs together have taken ``budget_s``; a run whose warm-up alone takes
+    that long is reported from the warm-up. Runs are skipped (``seconds=None``) when the compiled temporary
+    memory exceeds ``memory_limit_bytes``.
     """
     compiled = jax.jit(fn).lower(*args).compile()
     analysis = compiled.memory_analysis()
     temp_bytes = getattr(analysis, "temp_size_in_bytes", None)
     if temp_bytes is not None and temp_bytes > memory_limit_bytes:
-        return Measurement(None, temp_bytes, None)
+        return Measurement(None, 0, temp_bytes, None)
+    start = time.perf_counter()
     output = jax.block_until_ready(compiled(*args))
+    warm_up = time.perf_counter() - start
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats and warm_up + sum(times) < budget_s:
         start = time.perf_counter()
         output = jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
-    return Measurement(statistics.median(times), temp_bytes, output)
+    return Measurement(statistics.median(times) if times else warm_up, len(times), temp_bytes, output)
 
 
 def flat(tree) -> np.ndarray:
@@ -218,7 +224,7 @@ def num_params(params) -> int:
     return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
 
 
-def make_row(problem: Problem, estimator: str, settings: dict, seconds, grad_seconds, temp_bytes) -> dict:
+def make_row(problem: Problem, estimator: str, settings: dict, seconds, grad_seconds, temp_bytes, timed_runs) -> dict:
     return {
         "model": problem.name,
         "estimator": estimator,
@@ -226,6 +232,7 @@ def make_row(problem: Problem, estimator: str, settings: dict, seconds, grad_sec
         "batch_size": int(problem.batch.inputs.shape[0]),
         "num_params": num_params(problem.params),
         "time_ms": None if seconds is None else 1e3 * seconds,
+        "timed_runs": timed_runs,
         "grad_equivalents": None if seconds is None else seconds / grad_seconds,
         "temp_bytes": temp_bytes,
     }
@@ -233,18 +240,20 @@ def make_row(problem: Problem, estimator: str, settings: dict, seconds, grad_sec
 
 def benchmark_problem(problem: Problem, estimators: list[Estimator], args, console: Console) -> list[dict]:
     """A row for the gradient and one per estimator: timed in float32, scored against the reference."""
-    limit = args.memory_limit_gb * 2**30
     call_args = (problem.params, problem.batch_stats, problem.batch, jax.random.key(args.seed))
-    grad = measure(lambda *a: _gradient(problem.model, *a), call_args, args.repeats, limit)
-    rows = [make_row(problem, "gradient", {}, grad.seconds, grad.seconds, grad.temp_bytes)]
+    run = lambda fn: measure(fn, call_args, args.repeats, args.memory_limit_gb * 2**30, args.time_budget_s)
+    grad = run(lambda *a: _gradient(problem.model, *a))
+    rows = [make_row(problem, "gradient", {}, grad.seconds, grad.seconds, grad.temp_bytes, grad.timed_runs)]
     rows[0].update(quality(None, None, False))
     for estimator in estimators:
         console.log(f"{problem.name}: {estimator.name} {estimator.settings}")
-        result = measure(lambda *a, e=estimator: e.fn(problem.model, *a), call_args, args.repeats, limit)
+        result = run(lambda *a, e=estimator: e.fn(problem.model, *a))
         settings = dict(estimator.settings)
         if estimator.name == "hutchinson" and result.seconds is not None:
             settings["grad_equivalents_per_probe"] = result.seconds / grad.seconds / settings["num_probes"]
-        row = make_row(problem, estimator.name, settings, result.seconds, grad.seconds, result.temp_bytes)
+        row = make_row(
+            problem, estimator.name, settings, result.seconds, grad.seconds, result.temp_bytes, result.timed_runs
+        )
         row.update(quality(result.output, problem.reference, estimator.is_diagonal_estimate))
         rows.append(row)
     return rows
@@ -323,7 +332,7 @@ def backpack_rows(problem: Problem, jax_grad_seconds: float, args) -> tuple[list
     runs = (("torch_gradient", grad_seconds, None), ("backpack_diag_ggn_exact", seconds, estimate))
     for name, time_s, output in runs:
         settings = {"framework": "torch", "jax_grad_equivalents": time_s / jax_grad_seconds}
-        row = make_row(problem, name, settings, time_s, grad_seconds, None)
+        row = make_row(problem, name, settings, time_s, grad_seconds, None, args.repeats)
         row.update(quality(output, problem.reference, True))
         rows.append(row)
 
@@ -362,7 +371,7 @@ def _fmt(value, spec: str) -> str:
 
 def print_table(rows: list[dict], checks: dict, console: Console) -> None:
     table = Table(title=f"Diagonal curvature estimators ({jax.devices()[0].platform})")
-    for column in ("model", "estimator", "settings", "B", "ms", "grad-eq", "temp MB", "rel err"):
+    for column in ("model", "estimator", "settings", "B", "ms", "runs", "grad-eq", "temp MB", "rel err"):
         table.add_column(column, justify="left" if column in ("model", "estimator", "settings") else "right")
     for name in RECALL_FRACTIONS:
         table.add_column(name.removeprefix("recall"), justify="right")
@@ -373,6 +382,7 @@ def print_table(rows: list[dict], checks: dict, console: Console) -> None:
             settings_text(row["settings"]),
             str(row["batch_size"]),
             _fmt(row["time_ms"], ".1f"),
+            str(row["timed_runs"]),
             _fmt(row["grad_equivalents"], ".1f"),
             _fmt(None if row["temp_bytes"] is None else row["temp_bytes"] / 2**20, ".1f"),
             _fmt(row["rel_error"], ".3g"),
@@ -400,6 +410,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-probes", type=int, default=PROBE_COUNTS[-1], help="cap on Hutchinson probes")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per estimator, after one warm-up")
     parser.add_argument("--train-steps", type=int, default=300, help="Adam steps first (0: at init)")
+    parser.add_argument("--time-budget-s", type=float, default=60.0, help="cap on timed runs' total per estimator")
     parser.add_argument("--memory-limit-gb", type=float, default=8.0, help="skip runs needing more temp memory")
     parser.add_argument("--resnet", action="store_true", help="add ResNet-18 costs (meant for a GPU)")
     parser.add_argument("--resnet-batch-size", type=int, default=128)

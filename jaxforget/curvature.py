@@ -10,7 +10,8 @@ Conventions:
   ``example_batch_size``, ``num_samples``, ``method`` and ``distribution`` are static). Flax models with batch norm
   must run in eval mode (running averages); see :mod:`jaxforget.models`.
 - Chunking knobs (``probe_batch_size``, ``example_batch_size``, ``basis_batch_size``) bound memory; for the same key
-  they change only the order of floating-point summation, not what is summed.
+  they change only the order of floating-point summation, not what is summed. (This holds for JAX's default
+  threefry keys; the "rbg" implementations draw different numbers under vmap than one key at a time.)
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ import pytest
 import jaxforget as jf
 
 jax.config.update("jax_enable_x64", True)
+# XLA's CPU compiler takes about a second per threefry hash, and Flax initialization hashes once per parameter
+# (30 s for a tiny ResNet); the RngBitGenerator-based implementation compiles in a fraction of that.
+jax.config.update("jax_default_prng_impl", "rbg")
 
 
 def to_float64(tree):
@@ -24,12 +27,17 @@ def dense_hessian(loss_fn, params, batch) -> np.ndarray:
     return np.asarray(jax.jit(jax.hessian(lambda f, b: loss_fn(unravel(f), b)))(flat, batch))
 
 
+def init_jitted(model, key, input_shape):
+    """``jf.init_model`` under jit: eager initialization dispatches op by op and takes tens of seconds."""
+    return jax.jit(lambda k: jf.init_model(model, k, input_shape))(key)
+
+
 def build(model, input_shape, *, seed=0, perturb_stats=True):
     """Float64 variables for ``model``, random inputs and labels, and its eval-mode logits_fn and loss_fn.
 
     Batch-norm running statistics are moved away from (0, 1) so that eval-mode normalization is not the identity.
     """
-    variables = to_float64(jf.init_model(model, jax.random.key(seed), input_shape))
+    variables = to_float64(init_jitted(model, jax.random.key(seed), input_shape))
     stats = variables.get("batch_stats")
     if stats is not None and perturb_stats:
         keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(stats))))

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import init_jitted
 
 import jaxforget as jf
 
@@ -34,7 +35,7 @@ def test_resnet18_cifar_has_11m_parameters_and_batch_stats():
     ],
 )
 def test_eval_mode_is_pure_and_train_mode_updates_statistics(model, shape):
-    variables = jf.init_model(model, jax.random.key(0), shape)
+    variables = init_jitted(model, jax.random.key(0), shape)
     x = jax.random.normal(jax.random.key(1), shape)
     logits = jax.jit(jf.logits_fn_for(model, variables.get("batch_stats")))(variables["params"], x)
     assert logits.shape == (2, 10)
@@ -54,7 +55,7 @@ def test_max_pool_2x2_matches_flax_max_pool():
 
 def test_loss_fn_is_mean_cross_entropy():
     model = jf.MLP()
-    params = jf.init_model(model, jax.random.key(0), (4, 8, 8, 1))["params"]
+    params = init_jitted(model, jax.random.key(0), (4, 8, 8, 1))["params"]
     batch = jf.Batch(jax.random.normal(jax.random.key(1), (4, 8, 8, 1)), jnp.array([0, 3, 9, 3]))
     logits = jf.logits_fn_for(model)(params, batch.inputs)
     expected = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), batch.labels])
