@@ -15,6 +15,7 @@ from jaxforget.curvature import (
     hvp,
 )
 from jaxforget.data import EMBEDDED_DATASETS, batches, embedded_dataset, stratified_split
+from jaxforget.metrics import relative_error, top_k_recall
 from jaxforget.models import CNN, MLP, Batch, ResNet18, init_model, logits_fn_for, loss_fn_for
 
 __version__ = "0.1.0"
@@ -29,6 +30,8 @@ __all__ = [
     "fisher_diagonal",
     "gradient_saliency",
     "accumulate_diagonal",
+    "top_k_recall",
+    "relative_error",
     "EMBEDDED_DATASETS",
     "embedded_dataset",
     "stratified_split",
