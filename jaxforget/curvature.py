@@ -12,6 +12,9 @@ Conventions:
 - Chunking knobs (``probe_batch_size``, ``example_batch_size``, ``basis_batch_size``) bound memory; for the same key
   they change only the order of floating-point summation, not what is summed. (This holds for JAX's default
   threefry keys; the "rbg" implementations draw different numbers under vmap than one key at a time.)
+  Chunks run in a ``lax.scan``. On XLA's CPU backend, convolution gradients inside a loop body run far slower than
+  outside one (measured on 2 cores: a conv weight gradient 22x, an input gradient 3.5x), so on CPU chunk only when
+  memory requires it; on GPU the loop costs little.
 """
 
 from __future__ import annotations
