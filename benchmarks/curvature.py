@@ -1,10 +1,10 @@
 """Benchmark of the diagonal curvature estimators: cost, memory and how well each one selects parameters.
 
-For each model and estimator it records the median time of ``--repeats`` jitted runs after a warm-up,
-that time in gradient-equivalents (divided by the median time of a jitted ``jax.grad`` of the same loss),
-the compiled temporary memory (``memory_analysis().temp_size_in_bytes``), the relative error against an
-exact float64 diagonal and the top-k recall of that diagonal's largest (signed) entries at k = 0.1%, 1% and
-10% of the parameters.
+For each model and estimator it records the median (and the fastest) of ``--repeats`` timed jitted runs
+after a warm-up, the median in gradient-equivalents (divided by the median time of a jitted ``jax.grad``
+of the same loss), the compiled temporary memory (``memory_analysis().temp_size_in_bytes``), the relative
+error against an exact float64 diagonal and the top-k recall of that diagonal's largest (signed) entries
+at k = 0.1%, 1% and 10% of the parameters.
 
 Models:
 
@@ -164,24 +164,24 @@ def common_estimators() -> list[Estimator]:
 
 
 class Measurement(NamedTuple):
-    seconds: float | None  # None when the run was skipped for memory
-    timed_runs: int  # 0: the time is that of the warm-up run alone
+    seconds: list[float]  # the timed runs, or the warm-up alone when it took the budget; empty when skipped
+    timed_runs: int
     temp_bytes: int | None
     output: Any
 
 
 def measure(fn: Callable, args: tuple, repeats: int, memory_limit_bytes: float, budget_s: float) -> Measurement:
-    """Compiles ``fn`` for ``args``, runs it once to warm up, then times up to ``repeats`` runs (median, seconds).
+    """Compiles ``fn`` for ``args``, runs it once to warm up, then times up to ``repeats`` runs.
 
     Timed runs stop once warm-up and timed runs together have taken ``budget_s``; a run whose warm-up alone takes
-    that long is reported from the warm-up. Runs are skipped (``seconds=None``) when the compiled temporary
-    memory exceeds ``memory_limit_bytes``.
+    that long is reported from the warm-up (``timed_runs=0``). Runs are skipped (no ``seconds``) when the
+    compiled temporary memory exceeds ``memory_limit_bytes``.
     """
     compiled = jax.jit(fn).lower(*args).compile()
     analysis = compiled.memory_analysis()
     temp_bytes = getattr(analysis, "temp_size_in_bytes", None)
     if temp_bytes is not None and temp_bytes > memory_limit_bytes:
-        return Measurement(None, 0, temp_bytes, None)
+        return Measurement([], 0, temp_bytes, None)
     start = time.perf_counter()
     output = jax.block_until_ready(compiled(*args))
     warm_up = time.perf_counter() - start
@@ -190,7 +190,7 @@ def measure(fn: Callable, args: tuple, repeats: int, memory_limit_bytes: float, 
         start = time.perf_counter()
         output = jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
-    return Measurement(statistics.median(times) if times else warm_up, len(times), temp_bytes, output)
+    return Measurement(times or [warm_up], len(times), temp_bytes, output)
 
 
 def flat(tree) -> np.ndarray:
@@ -224,18 +224,30 @@ def num_params(params) -> int:
     return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
 
 
-def make_row(problem: Problem, estimator: str, settings: dict, seconds, grad_seconds, temp_bytes, timed_runs) -> dict:
+def make_row(problem: Problem, estimator: str, settings: dict, seconds: list[float], grad_seconds: float) -> dict:
+    """A row's identity and timings: the median and the fastest of ``seconds`` (the fastest is the least
+    disturbed by other work on the machine), and the median in units of ``grad_seconds``."""
+    median = statistics.median(seconds) if seconds else None
     return {
         "model": problem.name,
         "estimator": estimator,
         "settings": settings,
         "batch_size": int(problem.batch.inputs.shape[0]),
         "num_params": num_params(problem.params),
-        "time_ms": None if seconds is None else 1e3 * seconds,
-        "timed_runs": timed_runs,
-        "grad_equivalents": None if seconds is None else seconds / grad_seconds,
-        "temp_bytes": temp_bytes,
+        "time_ms": None if median is None else 1e3 * median,
+        "min_time_ms": 1e3 * min(seconds) if seconds else None,
+        "grad_equivalents": None if median is None else median / grad_seconds,
     }
+
+
+def scored_row(problem: Problem, estimator: Estimator, result: Measurement, grad_seconds: float, reference) -> dict:
+    """The full row for one measured estimator, scored against ``reference`` (``None``: no scores)."""
+    row = make_row(problem, estimator.name, dict(estimator.settings), result.seconds, grad_seconds)
+    if estimator.name == "hutchinson" and row["grad_equivalents"] is not None:
+        row["settings"]["grad_equivalents_per_probe"] = row["grad_equivalents"] / estimator.settings["num_probes"]
+    row["timed_runs"], row["temp_bytes"] = result.timed_runs, result.temp_bytes
+    row.update(quality(result.output, reference, estimator.is_diagonal_estimate))
+    return row
 
 
 def benchmark_problem(problem: Problem, estimators: list[Estimator], args, console: Console) -> list[dict]:
@@ -243,19 +255,12 @@ def benchmark_problem(problem: Problem, estimators: list[Estimator], args, conso
     call_args = (problem.params, problem.batch_stats, problem.batch, jax.random.key(args.seed))
     run = lambda fn: measure(fn, call_args, args.repeats, args.memory_limit_gb * 2**30, args.time_budget_s)
     grad = run(lambda *a: _gradient(problem.model, *a))
-    rows = [make_row(problem, "gradient", {}, grad.seconds, grad.seconds, grad.temp_bytes, grad.timed_runs)]
-    rows[0].update(quality(None, None, False))
+    grad_seconds = statistics.median(grad.seconds)
+    rows = [scored_row(problem, Estimator("gradient", {}, _gradient), grad, grad_seconds, None)]
     for estimator in estimators:
         console.log(f"{problem.name}: {estimator.name} {estimator.settings}")
         result = run(lambda *a, e=estimator: e.fn(problem.model, *a))
-        settings = dict(estimator.settings)
-        if estimator.name == "hutchinson" and result.seconds is not None:
-            settings["grad_equivalents_per_probe"] = result.seconds / grad.seconds / settings["num_probes"]
-        row = make_row(
-            problem, estimator.name, settings, result.seconds, grad.seconds, result.temp_bytes, result.timed_runs
-        )
-        row.update(quality(result.output, problem.reference, estimator.is_diagonal_estimate))
-        rows.append(row)
+        rows.append(scored_row(problem, estimator, result, grad_seconds, problem.reference))
     return rows
 
 
@@ -296,7 +301,9 @@ def trained_problem(name: str, model: nn.Module, dataset: str, args, reference: 
     index = np.random.default_rng(args.seed + 1).permutation(len(data.labels))[: args.batch_size]
     batch = jf.Batch(jnp.asarray(data.inputs[index]), jnp.asarray(data.labels[index]))
     run = lambda p, b: reference(model, p, None, b, None)
-    return Problem(name, model, params, None, batch, jax.jit(run)(to_float64(params), to_float64(batch)))
+    # Blocks, so that the reference's compute does not land in the first timed run (dispatch is asynchronous).
+    exact = jax.block_until_ready(jax.jit(run)(to_float64(params), to_float64(batch)))
+    return Problem(name, model, params, None, batch, exact)
 
 
 def resnet_problem(args) -> Problem:
@@ -330,9 +337,10 @@ def backpack_rows(problem: Problem, jax_grad_seconds: float, args) -> tuple[list
     estimate = torch_peer.backpack_diag_ggn_exact(params, images, labels, "float32")
     rows = []
     runs = (("torch_gradient", grad_seconds, None), ("backpack_diag_ggn_exact", seconds, estimate))
-    for name, time_s, output in runs:
-        settings = {"framework": "torch", "jax_grad_equivalents": time_s / jax_grad_seconds}
-        row = make_row(problem, name, settings, time_s, grad_seconds, None, args.repeats)
+    for name, times, output in runs:
+        settings = {"framework": "torch", "jax_grad_equivalents": statistics.median(times) / jax_grad_seconds}
+        row = make_row(problem, name, settings, times, statistics.median(grad_seconds))
+        row["timed_runs"], row["temp_bytes"] = len(times), None
         row.update(quality(output, problem.reference, True))
         rows.append(row)
 
@@ -371,7 +379,7 @@ def _fmt(value, spec: str) -> str:
 
 def print_table(rows: list[dict], checks: dict, console: Console) -> None:
     table = Table(title=f"Diagonal curvature estimators ({jax.devices()[0].platform})")
-    for column in ("model", "estimator", "settings", "B", "ms", "runs", "grad-eq", "temp MB", "rel err"):
+    for column in ("model", "estimator", "settings", "B", "ms", "min ms", "runs", "grad-eq", "temp MB", "rel err"):
         table.add_column(column, justify="left" if column in ("model", "estimator", "settings") else "right")
     for name in RECALL_FRACTIONS:
         table.add_column(name.removeprefix("recall"), justify="right")
@@ -382,6 +390,7 @@ def print_table(rows: list[dict], checks: dict, console: Console) -> None:
             settings_text(row["settings"]),
             str(row["batch_size"]),
             _fmt(row["time_ms"], ".1f"),
+            _fmt(row["min_time_ms"], ".1f"),
             str(row["timed_runs"]),
             _fmt(row["grad_equivalents"], ".1f"),
             _fmt(None if row["temp_bytes"] is None else row["temp_bytes"] / 2**20, ".1f"),

@@ -2,7 +2,7 @@
 
 A torch twin of the CNN (an ``nn.Sequential`` that BackPACK can extend) is loaded with the Flax weights,
 and BackPACK's ``DiagGGNExact`` is converted back into the Flax parameter layout, so the two libraries are
-compared on the same weights and batch. Timings are medians of ``repeats`` runs after one warm-up run.
+compared on the same weights and batch. Timings are ``repeats`` runs after one warm-up run.
 
 Flax flattens NHWC feature maps and torch flattens NCHW ones, so the rows of the first dense kernel are
 permuted (not the activations: BackPACK has no extension for a permute module).
@@ -13,7 +13,6 @@ arrays (or anything ``np.asarray`` accepts).
 
 from __future__ import annotations
 
-import statistics
 import time
 import warnings
 from collections import OrderedDict
@@ -177,23 +176,23 @@ def backpack_diag_ggn_exact(params: Mapping, images_nhwc, labels, dtype: str = "
     return torch_diag_to_flax(diag, params)
 
 
-def _median_seconds(run: Callable[[], object], repeats: int) -> float:
+def _run_times(run: Callable[[], object], repeats: int) -> list[float]:
     run()  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
-def time_backpack_diag_ggn_exact(params: Mapping, images_nhwc, labels, dtype: str, repeats: int) -> float:
-    """Median seconds of one forward plus one backward pass with BackPACK's ``DiagGGNExact``."""
+def time_backpack_diag_ggn_exact(params: Mapping, images_nhwc, labels, dtype: str, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` forward plus backward passes with BackPACK's ``DiagGGNExact``."""
     setup = _setup(params, images_nhwc, labels, dtype, extended=True)
-    return _median_seconds(lambda: _run_diag_ggn_exact(*setup), repeats)
+    return _run_times(lambda: _run_diag_ggn_exact(*setup), repeats)
 
 
-def time_torch_gradient(params: Mapping, images_nhwc, labels, dtype: str, repeats: int) -> float:
-    """Median seconds of a plain torch gradient (forward plus backward) of the same mean cross-entropy."""
+def time_torch_gradient(params: Mapping, images_nhwc, labels, dtype: str, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` plain torch gradients (forward plus backward) of the same loss."""
     setup = _setup(params, images_nhwc, labels, dtype, extended=False)
-    return _median_seconds(lambda: _run_gradient(*setup), repeats)
+    return _run_times(lambda: _run_gradient(*setup), repeats)
