@@ -1,6 +1,7 @@
 """jaxforget: sharpness-aware parameter selection for machine unlearning, in JAX and Flax.
 
-The pipeline is curvature -> mask -> masked optax update; each stage is a small pure function on pytrees.
+The pipeline is curvature (jaxforget.curvature) -> mask (jaxforget.selection) -> masked optax update
+(jaxforget.masking); each stage is a small pure function on pytrees.
 """
 
 from jaxforget.curvature import (
@@ -15,8 +16,17 @@ from jaxforget.curvature import (
     hvp,
 )
 from jaxforget.data import EMBEDDED_DATASETS, batches, embedded_dataset, stratified_split
+from jaxforget.masking import (
+    FreezeState,
+    MaskedUpdatesState,
+    freeze_unselected,
+    leaf_mask,
+    masked_updates,
+    with_optimizer,
+)
 from jaxforget.metrics import relative_error, top_k_recall
 from jaxforget.models import CNN, MLP, Batch, ResNet18, init_model, logits_fn_for, loss_fn_for
+from jaxforget.selection import last_layer, mask_summary, select_layers, select_random, select_top
 
 __version__ = "0.1.0"
 
@@ -30,6 +40,17 @@ __all__ = [
     "fisher_diagonal",
     "gradient_saliency",
     "accumulate_diagonal",
+    "select_top",
+    "select_random",
+    "select_layers",
+    "last_layer",
+    "mask_summary",
+    "masked_updates",
+    "freeze_unselected",
+    "leaf_mask",
+    "with_optimizer",
+    "MaskedUpdatesState",
+    "FreezeState",
     "top_k_recall",
     "relative_error",
     "EMBEDDED_DATASETS",
