@@ -33,14 +33,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
 import os
 import pathlib
 import shlex
 import statistics
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -53,6 +50,8 @@ from rich.console import Console
 from rich.table import Table
 
 import jaxforget as jf
+from jaxforget.atomic import write_json_atomic
+from jaxforget.timing import time_runs
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 RECALL_FRACTIONS = {"recall@0.1%": 0.001, "recall@1%": 0.01, "recall@10%": 0.1}
@@ -182,14 +181,7 @@ def measure(fn: Callable, args: tuple, repeats: int, memory_limit_bytes: float, 
     temp_bytes = getattr(analysis, "temp_size_in_bytes", None)
     if temp_bytes is not None and temp_bytes > memory_limit_bytes:
         return Measurement([], 0, temp_bytes, None)
-    start = time.perf_counter()
-    output = jax.block_until_ready(compiled(*args))
-    warm_up = time.perf_counter() - start
-    times = []
-    while len(times) < repeats and warm_up + sum(times) < budget_s:
-        start = time.perf_counter()
-        output = jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
+    times, warm_up, output = time_runs(compiled, args, repeats=repeats, budget_s=budget_s)
     return Measurement(times or [warm_up], len(times), temp_bytes, output)
 
 
@@ -402,14 +394,6 @@ def print_table(rows: list[dict], checks: dict, console: Console) -> None:
         console.print(f"{name}: {value:.3g}")
 
 
-def write_json(payload: dict, path: pathlib.Path) -> None:
-    """Writes ``payload`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(payload, handle, indent=1)
-    os.replace(handle.name, path)
-
-
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -499,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
     }
     path = RESULTS_DIR / f"curvature-{device}{'-quick' if args.quick else ''}.json"
-    write_json(payload, path)
+    write_json_atomic(path, payload)
     console.log(f"wrote {path}")
 
 

@@ -45,6 +45,7 @@ import numpy as np
 import jaxforget as jf
 from jaxforget.atomic import write_json_atomic
 from jaxforget.selection import select_random, select_top
+from jaxforget.timing import time_runs
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 # Relative leaf sizes: a few large kernels and small biases, as in a network.
@@ -123,14 +124,7 @@ def measure(fn: Callable, args: tuple, repeats: int, budget_s: float) -> dict[st
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - start
     temp_bytes = getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)
-    start = time.perf_counter()
-    output = jax.block_until_ready(compiled(*args))
-    warm_up = time.perf_counter() - start
-    times = []
-    while len(times) < repeats and warm_up + sum(times) < budget_s:
-        start = time.perf_counter()
-        output = jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
+    times, warm_up, output = time_runs(compiled, args, repeats=repeats, budget_s=budget_s)
     selected = sum(int(jnp.sum(leaf)) for leaf in jax.tree.leaves(output))
     return {
         "seconds": statistics.median(times) if times else warm_up,

@@ -12,7 +12,6 @@ import argparse
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -22,6 +21,7 @@ import optax
 import jaxforget as jf
 from jaxforget.atomic import write_json_atomic
 from jaxforget.metrics import relative_error, top_k_recall
+from jaxforget.timing import time_runs
 
 RECALL_FRACTIONS = (0.001, 0.01, 0.1)
 
@@ -51,12 +51,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _median_ms(fn: Callable, *args, repeats: int) -> tuple[float, object]:
-    out = jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
+    times, _, out = time_runs(fn, args, repeats=repeats)
     return 1e3 * statistics.median(times), out
 
 
