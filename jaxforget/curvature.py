@@ -528,21 +528,16 @@ def _layerwise_sum_of_squares(logits_fn, params, factor, inputs, aux):
     shapes = _discover_layers(logits_fn, params, inputs).output_shapes
     zeros = {path: jnp.zeros(s.shape, s.dtype) for path, s in shapes.items()}
 
-    def forward(perturbations):
-        tape = _Tape(params, perturbations)
-        with nn.intercept_methods(tape):
-            logits = logits_fn(params, inputs)
-        return logits, tape
-
     # The tape holds modules (not arrays), so it leaves jax.vjp through a closure rather than as aux output.
     taped = {}
 
-    def forward_logits(perturbations):
-        logits, tape = forward(perturbations)
-        taped["tape"] = tape
+    def forward(perturbations):
+        tape = taped["tape"] = _Tape(params, perturbations)
+        with nn.intercept_methods(tape):
+            logits = logits_fn(params, inputs)
         return logits, tape.features
 
-    logits, vjp_fn, features = jax.vjp(forward_logits, zeros, has_aux=True)
+    logits, vjp_fn, features = jax.vjp(forward, zeros, has_aux=True)
     deltas = jax.vmap(lambda u: vjp_fn(u)[0])(factor(logits, aux))  # path -> [K, b, *output]
     tape = taped["tape"]
     squares = {}
@@ -555,9 +550,7 @@ def _layerwise_sum_of_squares(logits_fn, params, factor, inputs, aux):
         else:
             layer = _batch_norm_squares(x, delta, names)
         squares.update({path + (name,): value for name, value in layer.items()})
-    leaves_with_path = jax.tree_util.tree_flatten_with_path(params)
-    paths = list(_params_by_path(params))
-    return jax.tree.unflatten(leaves_with_path[1], [squares[path] for path in paths])
+    return jax.tree.unflatten(jax.tree.structure(params), [squares[path] for path in _params_by_path(params)])
 
 
 def _resolve_method(method: str, logits_fn: LogitsFn, params: PyTree, inputs: jax.Array) -> str:
