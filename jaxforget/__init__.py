@@ -4,6 +4,7 @@ The pipeline is curvature (jaxforget.curvature) -> mask (jaxforget.selection) ->
 (jaxforget.masking); each stage is a small pure function on pytrees.
 """
 
+from jaxforget.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from jaxforget.curvature import (
     accumulate_diagonal,
     exact_diagonal,
@@ -27,6 +28,16 @@ from jaxforget.masking import (
 from jaxforget.metrics import relative_error, top_k_recall
 from jaxforget.models import CNN, MLP, Batch, ResNet18, init_model, logits_fn_for, loss_fn_for
 from jaxforget.selection import last_layer, mask_summary, select_layers, select_random, select_top
+from jaxforget.train import TrainState, create_train_state, eval_step, evaluate, fit, predict_logits, train_step
+from jaxforget.unlearn import (
+    diagonal_newton_update,
+    finetune_step,
+    finetune_unlearn,
+    first_order_update,
+    gradient_difference,
+    second_order_update,
+    stack_batches,
+)
 
 __version__ = "0.1.0"
 
@@ -64,4 +75,21 @@ __all__ = [
     "init_model",
     "logits_fn_for",
     "loss_fn_for",
+    "TrainState",
+    "create_train_state",
+    "train_step",
+    "eval_step",
+    "fit",
+    "evaluate",
+    "predict_logits",
+    "gradient_difference",
+    "first_order_update",
+    "second_order_update",
+    "diagonal_newton_update",
+    "stack_batches",
+    "finetune_step",
+    "finetune_unlearn",
+    "save_checkpoint",
+    "restore_checkpoint",
+    "latest_checkpoint",
 ]
