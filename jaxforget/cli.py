@@ -1,158 +1,165 @@
-"""The ``jaxforget`` command.
+"""The ``jaxforget`` command: the main job, and its stages one by one.
 
-``jaxforget run`` currently runs the curvature stage of the method end to end on real data: it trains the paper's CNN
-briefly on the embedded MNIST subset, computes the exact Hessian diagonal (the exact GGN diagonal, equal to it for
-this ReLU network), and scores every estimator against it by cost and by how many of the truly largest entries it
-finds. The unlearning comparison joins it as the later stages land.
+``jaxforget run`` trains the paper's CNN on the embedded MNIST subset with a poisoned group (a backdoor by default),
+retrains the clean reference, estimates the curvature, selects the same fraction of parameters by every rule, unlearns
+with every update, and prints one table (also written as results.json, results.md and results.png under ``--out``).
+Checkpoints and stage records go to ``--workdir``: a rerun resumes after the last finished stage.
+``jaxforget train|curvature|select|unlearn|evaluate`` run one stage each, on the same files.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import pathlib
 import platform
-import statistics
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
-import optax
+from jaxforget import __version__
 
-import jaxforget as jf
-from jaxforget.atomic import write_json_atomic
-from jaxforget.metrics import relative_error, top_k_recall
-from jaxforget.timing import time_runs
-
-RECALL_FRACTIONS = (0.001, 0.01, 0.1)
+_LISTS = ("selections", "updates", "cg_selections")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxforget", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser(
-        "run",
-        help="train the paper's CNN on embedded MNIST and score every curvature estimator against the exact one",
+def _help(name: str) -> str:
+    """The comment beside a RunConfig field, as its help text."""
+    import inspect
+
+    from jaxforget.pipeline import RunConfig
+
+    for line in inspect.getsource(RunConfig).splitlines():
+        if line.strip().startswith(f"{name}:") and "#" in line:
+            return line.split("#", 1)[1].strip()
+    return ""
+
+
+def _options() -> argparse.ArgumentParser:
+    from jaxforget.pipeline import SELECTIONS, STAGES, UPDATES, RunConfig
+
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("settings (shared by every stage; a changed setting reruns what depends on it)")
+    for field in dataclasses.fields(RunConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        text = f"{_help(field.name)} (default: %(default)s)"
+        if field.name in _LISTS:
+            choices = ", ".join(SELECTIONS if "selections" in field.name else UPDATES)
+            group.add_argument(flag, default=",".join(default), metavar="A,B,...", help=f"{text}; from: {choices}")
+        elif isinstance(default, bool):
+            group.add_argument(flag, action="store_true", help=_help(field.name))
+        elif field.name == "data_dir":
+            group.add_argument(flag, default=None, metavar="DIR", help=_help(field.name))
+        else:
+            group.add_argument(flag, type=type(default), default=default, help=text)
+    group.add_argument(
+        "--seeds",
+        default=None,
+        metavar="S,T,...",
+        help="several seeds (each run in WORKDIR/seed-S); the table shows means and 95%% intervals (overrides --seed)",
     )
-    run.add_argument("--dataset", default="mnist5k", choices=jf.EMBEDDED_DATASETS, help="embedded data set")
-    run.add_argument("--train-steps", type=int, default=300, help="Adam steps of batch 64 before measuring")
-    run.add_argument("--batch-size", type=int, default=64, help="examples the curvature is taken on")
-    run.add_argument("--probes", type=int, default=32, help="Hutchinson probes")
-    run.add_argument("--repeats", type=int, default=3, help="timed runs per estimator (the median is reported)")
-    run.add_argument("--seed", type=int, default=0, help="seed for the split, initialization and probes")
-    run.add_argument("--out", default="runs/demo", help="folder for results.json")
-    run.add_argument("--quiet", action="store_true", help="print only the final table")
+    files = parent.add_argument_group("files and output")
+    files.add_argument("--workdir", default="runs/work", help="checkpoints and stage records (default: %(default)s)")
+    files.add_argument(
+        "--out", default="runs/latest", help="results.json, results.md and results.png (default: %(default)s)"
+    )
+    files.add_argument("--quiet", action="store_true", help="print only the final table")
+
+    parser = argparse.ArgumentParser(prog="jaxforget", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"jaxforget {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser(
+        "run", parents=[parent], help="every stage in order, resuming; prints the table", description=__doc__
+    )
+    stage_help = {
+        "train": "train the poisoned model and the retrained reference (orbax checkpoints in --workdir)",
+        "curvature": "estimate the Hessian diagonal and the baselines' scores at the poisoned parameters",
+        "select": "turn each selection rule into a mask at --budget",
+        "unlearn": "apply every update with every mask",
+        "evaluate": "score every model and write the results to --out",
+    }
+    for stage in STAGES:
+        commands.add_parser(stage, parents=[parent], help=stage_help[stage])
     return parser
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    for name in ("train_steps", "batch_size", "probes", "repeats"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"jaxforget: --{name.replace('_', '-')} must be at least 1.")
+def _config(args: argparse.Namespace, seed: int):
+    from jaxforget.pipeline import RunConfig
+
+    values = {}
+    for field in dataclasses.fields(RunConfig):
+        value = getattr(args, field.name)
+        if field.name in _LISTS:
+            value = tuple(item.strip() for item in value.split(",") if item.strip())
+        values[field.name] = value
+    values["seed"] = seed
+    return RunConfig(**values)
 
 
-def _median_ms(fn: Callable, *args, repeats: int) -> tuple[float, object]:
-    times, _, out = time_runs(fn, args, repeats=repeats)
-    return 1e3 * statistics.median(times), out
+def _seeds(args: argparse.Namespace) -> list[int]:
+    if args.seeds is None:
+        return [args.seed]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds: {args.seeds!r} must be comma-separated integers, e.g. 0,1,2.") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: {args.seeds!r} must list distinct integers, e.g. 0,1,2.")
+    return seeds
 
 
-def _train(model, params, data: jf.Batch, steps: int, seed: int, log) -> object:
-    loss_fn = jf.loss_fn_for(model)
-    tx = optax.adam(1e-3)
+def _report(args, configs, records, out: pathlib.Path, seconds: float) -> None:
+    from jaxforget import report
 
-    @jax.jit
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    config = configs[0]
+    rows = report.aggregate([r["rows"] for r in records], relearn_cap=config.relearn_steps)
+    seeds = [c.seed for c in configs]
+    title = (
+        f"jaxforget: {config.model} on {config.dataset}, {config.scenario} group of {config.group_size}, "
+        f"budget {config.budget:g}, seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}"
+    )
+    import jax
 
-    opt_state = tx.init(params)
-    epochs = -(-steps * 64 // len(data.labels))
-    for index, batch in enumerate(jf.batches(data, 64, seed=seed, epochs=epochs)):
-        if index == steps:
-            break
-        params, opt_state, loss = step(params, opt_state, batch)
-        if (index + 1) % 100 == 0 or index + 1 == steps:
-            log(f"  step {index + 1}/{steps}: loss {float(loss):.3f}")
-    return params
-
-
-def run(args: argparse.Namespace) -> dict:
-    """Trains, measures every estimator against the exact diagonal, prints a table and writes results.json."""
-    log = (lambda *_: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    data = jf.embedded_dataset(args.dataset)
-    train_idx, test_idx = jf.stratified_split(data.labels, 0.2, seed=args.seed)
-    train = jf.Batch(data.inputs[train_idx], data.labels[train_idx])
-    model = jf.CNN(features=(32, 64) if args.dataset == "mnist5k" else (16, 32))
-    key = jax.random.key(args.seed)
-    params = jax.jit(lambda k: jf.init_model(model, k, (1, *train.inputs.shape[1:])))(key)["params"]
-    num_params = sum(x.size for x in jax.tree.leaves(params))
-    log(f"Training the CNN ({num_params:,} parameters) on {len(train_idx)} {args.dataset} images")
-    params = _train(model, params, train, args.train_steps, args.seed, log)
-    logits_fn, loss_fn = jf.logits_fn_for(model), jf.loss_fn_for(model)
-    accuracy = jnp.mean(jnp.argmax(jax.jit(logits_fn)(params, data.inputs[test_idx]), -1) == data.labels[test_idx])
-    log(f"Test accuracy {float(accuracy):.3f}; measuring estimators on {args.batch_size} training images")
-
-    batch = jf.Batch(*(jnp.asarray(a[: args.batch_size]) for a in train))
-    estimators: dict[str, Callable] = {
-        "exact GGN = Hessian diagonal": lambda p, b, k: jf.ggn_diagonal(logits_fn, p, b.inputs),
-        f"Hutchinson, {args.probes} probes": lambda p, b, k: jf.hutchinson_diagonal(
-            loss_fn, p, b, k, num_probes=args.probes
-        ),
-        "Monte Carlo GGN, 1 sample": lambda p, b, k: jf.gnb_diagonal(logits_fn, p, b.inputs, k, num_samples=1),
-        "Monte Carlo GGN, 8 samples": lambda p, b, k: jf.gnb_diagonal(logits_fn, p, b.inputs, k, num_samples=8),
-        "empirical Fisher": lambda p, b, k: jf.fisher_diagonal(loss_fn, p, b),
-        "|gradient| (SalUn)": lambda p, b, k: jf.gradient_saliency(loss_fn, p, b),
-    }
-    probe_key = jax.random.key(args.seed + 1)
-    gradient_ms, _ = _median_ms(jax.jit(jax.grad(loss_fn)), params, batch, repeats=args.repeats)
-    rows, exact = [], None
-    for name, estimator in estimators.items():
-        log(f"  {name}")
-        ms, estimate = _median_ms(jax.jit(estimator), params, batch, probe_key, repeats=args.repeats)
-        exact = estimate if exact is None else exact
-        row = {"estimator": name, "ms": ms, "gradients": ms / gradient_ms}
-        row |= {f"recall@{f:.1%}": float(top_k_recall(estimate, exact, f)) for f in RECALL_FRACTIONS}
-        row["relative_error"] = float(relative_error(estimate, exact))
-        rows.append(row)
     record = {
-        "command": "jaxforget " + " ".join(sys.argv[1:]),
-        "dataset": args.dataset,
-        "num_params": num_params,
-        "test_accuracy": float(accuracy),
-        "batch_size": args.batch_size,
-        "gradient_ms": gradient_ms,
-        "device": jax.devices()[0].device_kind,
-        "platform": platform.platform(),
-        "jax": jax.__version__,
-        "rows": rows,
+        "config": {**dataclasses.asdict(config), "seeds": seeds},
+        "seconds": seconds,
+        "machine": {
+            "platform": platform.platform(),
+            "devices": [str(d) for d in jax.devices()],
+            "python": platform.python_version(),
+        },
+        "per_seed": [r["rows"] for r in records],
     }
-    path = write_json_atomic(f"{args.out}/results.json", record)
-    _print_table(rows, gradient_ms)
-    log(f"Wrote {path}")
-    return record
-
-
-def _print_table(rows: Sequence[dict], gradient_ms: float) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"Hessian-diagonal estimators vs the exact diagonal (1 gradient = {gradient_ms:.0f} ms)")
-    for column in ("estimator", "ms", "gradients", *(f"top {f:.1%} recall" for f in RECALL_FRACTIONS), "rel. error"):
-        table.add_column(column, justify="left" if column == "estimator" else "right")
-    for row in rows:
-        recalls = [f"{row[f'recall@{f:.1%}']:.2f}" for f in RECALL_FRACTIONS]
-        table.add_row(
-            row["estimator"], f"{row['ms']:.0f}", f"{row['gradients']:.1f}", *recalls, f"{row['relative_error']:.2f}"
-        )
-    Console(width=160).print(table)
+    paths = report.write_results(out, record, rows, relearn_cap=config.relearn_steps, title=title)
+    print(title)
+    print(report.format_table(rows, relearn_cap=config.relearn_steps))
+    print(f"\nwrote {', '.join(str(p) for p in paths)} ({seconds:.0f} s)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    _check_args(args)
-    run(args)
+    args = _options().parse_args(argv)
+    from jaxforget.pipeline import STAGES, check_config, run_stage
+
+    start = time.perf_counter()
+    try:
+        seeds = _seeds(args)
+        configs = [_config(args, seed) for seed in seeds]
+        for config in configs:
+            check_config(config)
+        stages = STAGES if args.command == "run" else (args.command,)
+        records = []
+        for config in configs:
+            workdir = pathlib.Path(args.workdir) / f"seed-{config.seed}"
+            for stage in stages:
+                record = run_stage(stage, config, workdir, quiet=args.quiet)
+            records.append(record)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, ConnectionError) as error:
+        print(f"jaxforget: error: {error}", file=sys.stderr)
+        return 2
+    if args.command in ("run", "evaluate"):
+        _report(args, configs, records, pathlib.Path(args.out), time.perf_counter() - start)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

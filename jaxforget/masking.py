@@ -44,6 +44,7 @@ __all__ = [
     "FreezeState",
     "masked_updates",
     "freeze_unselected",
+    "frozen_update",
     "leaf_mask",
     "with_optimizer",
 ]
@@ -138,13 +139,25 @@ def freeze_unselected(tx: optax.GradientTransformation, mask: PyTree) -> optax.G
     def init_fn(params):
         return FreezeState(_as_mask(mask, params), tx.init(params))
 
+    return optax.GradientTransformationExtraArgs(init_fn, frozen_update(tx))
+
+
+def frozen_update(tx: optax.GradientTransformation) -> optax.TransformUpdateExtraArgsFn:
+    """The ``update`` of :func:`freeze_unselected` for ``tx``; the mask comes from its :class:`FreezeState`.
+
+    It does not depend on the mask, so a loop over many masks can compile one step around it (a Flax
+    ``TrainState`` holds its ``tx`` as a static field, so a new ``freeze_unselected(tx, mask)`` per mask would
+    recompile the step each time).
+    """
+    tx = optax.with_extra_args_support(tx)
+
     def update_fn(updates, state, params=None, **extra_args):
         check_tree_matches(updates, state.mask, "updates")
         grads = _zero_outside(updates, state.mask, 0.0)
         updates, inner_state = tx.update(grads, state.inner_state, params, **extra_args)
         return _zero_outside(updates, state.mask, -0.0), FreezeState(state.mask, inner_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return update_fn
 
 
 def leaf_mask(mask: PyTree) -> PyTree:

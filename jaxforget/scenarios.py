@@ -38,6 +38,7 @@ __all__ = [
     "backdoor",
     "stamp_trigger",
     "triggered_test_set",
+    "poison_like",
 ]
 
 LABEL_FLIP_MODES = ("shift", "random", "pair", "target")
@@ -376,3 +377,50 @@ def triggered_test_set(test: Batch, scenario: Scenario) -> Batch:
         raise ValueError("every test sample has the target label; the triggered set would be empty.")
     trigger = {name: scenario.params[name] for name in ("patch_size", "patch_value", "location")}
     return Batch(stamp_trigger(inputs[keep], **trigger), labels[keep])
+
+
+def poison_like(data: Batch, scenario: Scenario, *, seed: int = 0) -> Batch:
+    """Applies ``scenario``'s poisoning to other samples (held-out ones): every sample it would be eligible for.
+
+    A model that learned the poisoning predicts the poisoned label on these too, so they measure its effect beyond
+    the group itself: the attack success rate is the fraction predicted as their (poisoned) label, and they are the
+    non-members that a membership-inference attack on Z compares against. For a backdoor they are the non-target
+    samples with the trigger and the target label (:func:`triggered_test_set` with the labels replaced); for a label
+    flip, the samples of the flipped classes with the flipped labels.
+
+    Args:
+      data: ``Batch(inputs, labels)`` shaped like the scenario's training set, usually the test set.
+      scenario: from :func:`label_flip` or :func:`backdoor`.
+      seed: for the labels of a ``"random"`` label flip.
+
+    Returns:
+      ``Batch(inputs, poisoned_labels)`` of the eligible samples, in their order.
+    """
+    _check_seed(seed)
+    inputs, labels = _check_labelled(data)
+    if inputs.shape[1:] != np.shape(scenario.train.inputs)[1:]:
+        raise ValueError(
+            f"data has samples of shape {inputs.shape[1:]}; the scenario's are {scenario.train.inputs.shape[1:]}."
+        )
+    p = scenario.params
+    if scenario.name == "backdoor":
+        attack = triggered_test_set(data, scenario)
+        return Batch(attack.inputs, np.full_like(attack.labels, p["target_class"]))
+    if scenario.name != "label_flip":
+        raise ValueError(f"scenario is {scenario.name!r}; poison_like knows 'backdoor' and 'label_flip'.")
+    if p["mode"] == "target":
+        keep = np.flatnonzero(labels != p["target_class"])
+    elif p["source_class"] is not None:
+        keep = np.flatnonzero(labels == p["source_class"])
+    else:
+        keep = np.arange(labels.size)
+    if keep.size == 0:
+        raise ValueError("no sample of data is eligible for this scenario's poisoning.")
+    true, classes = labels[keep], p["num_classes"]
+    if p["mode"] == "shift":
+        poisoned = (true + 1) % classes
+    elif p["mode"] == "random":
+        poisoned = (true + np.random.default_rng(seed).integers(1, classes, size=true.size)) % classes
+    else:
+        poisoned = np.full_like(true, p["target_class"])
+    return Batch(np.array(inputs[keep], copy=True), poisoned.astype(labels.dtype))

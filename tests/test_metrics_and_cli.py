@@ -1,4 +1,4 @@
-"""Selection-quality metrics, atomic writes and the `jaxforget run` command."""
+"""Selection-quality metrics and atomic writes."""
 
 import json
 
@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxforget import cli
 from jaxforget.atomic import write_json_atomic
 from jaxforget.metrics import relative_error, top_k_recall
 
@@ -38,21 +37,3 @@ def test_atomic_write_leaves_the_old_file_when_serialization_fails(tmp_path):
         write_json_atomic(path, {"bad": object()})
     assert json.loads(path.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
-
-
-def test_run_writes_a_row_per_estimator_scored_against_the_exact_diagonal(tmp_path, capsys):
-    args = ["run", "--dataset", "digits", "--train-steps", "5", "--batch-size", "8", "--probes", "2"]
-    assert cli.main([*args, "--repeats", "1", "--out", str(tmp_path), "--quiet"]) == 0
-    record = json.loads((tmp_path / "results.json").read_text())
-    names = [row["estimator"] for row in record["rows"]]
-    assert names[0].startswith("exact GGN") and len(names) == 6
-    assert any(name.startswith("Hutchinson, 2 probes") for name in names)
-    exact = record["rows"][0]
-    assert exact["relative_error"] == 0.0 and exact["recall@1.0%"] == 1.0
-    assert all(0.0 <= row["recall@10.0%"] <= 1.0 and row["ms"] > 0 for row in record["rows"])
-    assert "Hutchinson, 2 probes" in capsys.readouterr().out
-
-
-def test_run_rejects_bad_options_with_one_line():
-    with pytest.raises(SystemExit, match="--probes must be at least 1"):
-        cli.main(["run", "--probes", "0"])

@@ -8,6 +8,7 @@ from jaxforget.scenarios import (
     Scenario,
     backdoor,
     label_flip,
+    poison_like,
     stamp_trigger,
     triggered_test_set,
 )
@@ -248,3 +249,20 @@ def test_scenarios_accept_jax_arrays_and_return_numpy():
         scenario = make(on_device)
         assert all(isinstance(field, np.ndarray) for field in (*scenario.train, *scenario.corrected, *scenario.clean))
         assert_batches_identical(scenario.train, make(data).train)
+
+
+def test_poison_like_applies_the_same_poisoning_to_held_out_samples():
+    data = jf.embedded_dataset("digits")
+    door = backdoor(data, 20, 0, target_class=2)
+    twin = poison_like(data, door)
+    keep = np.asarray(data.labels) != 2
+    np.testing.assert_array_equal(twin.labels, np.full(keep.sum(), 2))
+    np.testing.assert_array_equal(twin.inputs, stamp_trigger(np.asarray(data.inputs)[keep]))
+    flip = label_flip(data, 10, 0, mode="pair", source_class=3, target_class=8)
+    twin = poison_like(data, flip)
+    assert len(twin.labels) == int(np.sum(np.asarray(data.labels) == 3)) and set(twin.labels) == {8}
+    shift = label_flip(data, 10, 0)
+    twin = poison_like(data, shift)
+    np.testing.assert_array_equal(twin.labels, (np.asarray(data.labels) + 1) % 10)
+    with pytest.raises(ValueError, match="shape"):
+        poison_like(jf.Batch(np.zeros((3, 4, 4, 1), np.float32), np.zeros(3, np.int32)), shift)

@@ -1,0 +1,87 @@
+"""The main job end to end on a tiny configuration: files, table rows, resuming, stages one by one, bad options."""
+
+import json
+
+import pytest
+
+from jaxforget import cli, pipeline
+
+TINY = [
+    "--dataset", "digits", "--group-size", "20", "--train-steps", "30", "--batch-size", "32",
+    "--curvature-samples", "64", "--probes", "2", "--finetune-steps", "3", "--relearn-steps", "2",
+    "--updates", "first-order,diagonal-newton,finetune,cg", "--cg-iterations", "2", "--hessian-samples", "64",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    args = ["run", *TINY, "--workdir", str(root / "work"), "--out", str(root / "out"), "--quiet"]
+    assert cli.main(args) == 0
+    return root, args
+
+
+def test_run_writes_every_file_and_a_row_per_method(tiny_run, capsys):
+    root, _ = tiny_run
+    record = json.loads((root / "out" / "results.json").read_text())
+    methods = [row["method"] for row in record["rows"]]
+    expected = ["poisoned", "retrained"]
+    for update in ("first-order", "diagonal-newton", "finetune"):
+        expected += [f"{s}/{update}" for s in pipeline.SELECTIONS]
+    expected += ["hessian-largest/cg", "all/cg"]
+    assert methods == expected
+    rows = {row["method"]: row for row in record["rows"]}
+    assert rows["retrained"]["fidelity_test"] == 1.0 and rows["retrained"]["accuracy_restored"] in (1.0, None)
+    assert rows["hessian-largest/first-order"]["fraction"] == pytest.approx(0.01, abs=1e-4)
+    assert rows["last-layer/finetune"]["fraction"] < 0.5 and rows["all/finetune"]["fraction"] == 1.0
+    for row in record["rows"]:
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and 0.0 <= row["mia_auc"] <= 1.0
+    markdown = (root / "out" / "results.md").read_text()
+    assert sum(line.startswith("| ") for line in markdown.splitlines()) == len(expected) + 1  # + the header
+    assert (root / "out" / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert (root / "work" / "seed-0" / "poisoned" / "LATEST").exists()
+
+
+def test_rerun_resumes_and_a_changed_setting_reruns_only_what_depends_on_it(tiny_run, capsys):
+    root, args = tiny_run
+    capsys.readouterr()
+    assert cli.main([a for a in args if a != "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{stage}: finished earlier" in out for stage in pipeline.STAGES)
+    changed = [a for a in args if a != "--quiet"] + ["--budget", "0.05"]
+    assert cli.main(changed) == 0
+    out = capsys.readouterr().out
+    assert "train: finished earlier" in out and "curvature: finished earlier" in out
+    assert "select: finished earlier" not in out and "select: 9 masks" in out
+    record = json.loads((root / "out" / "results.json").read_text())
+    assert {row["method"]: row for row in record["rows"]}["random/finetune"]["fraction"] == pytest.approx(0.05, 1e-3)
+
+
+def test_a_stage_needs_the_ones_before_it(tmp_path, capsys):
+    assert cli.main(["select", *TINY, "--workdir", str(tmp_path), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "jaxforget train" in error
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        (["--budget", "1.5"], "--budget"),
+        (["--selections", "hessian-largest,biggest"], "biggest"),
+        (["--model", "vgg"], "--model"),
+        (["--seeds", "0,zero"], "--seeds"),
+        (["--group-size", "0"], "--group-size"),
+    ],
+)
+def test_bad_options_get_one_line_naming_the_option(options, fragment, tmp_path, capsys):
+    assert cli.main(["run", *options, "--workdir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and fragment in error
+    assert not any(tmp_path.iterdir())  # nothing computed, nothing written
+
+
+def test_missing_tfds_data_fails_fast_naming_the_fix(tmp_path, capsys):
+    assert (
+        cli.main(["run", "--dataset", "mnist", "--data-dir", str(tmp_path / "none"), "--workdir", str(tmp_path)]) == 2
+    )
+    assert "--download" in capsys.readouterr().err
