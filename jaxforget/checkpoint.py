@@ -329,7 +329,7 @@ def restore_checkpoint(
         other widths, batch norm on one side only), or the saved extras from ``extra_target``'s; nothing is
         restored.
     """
-    directory = pathlib.Path(directory)
+    directory = pathlib.Path(directory).absolute()  # orbax needs absolute paths
     path = latest_checkpoint(directory)
     if path is None:
         reason = (

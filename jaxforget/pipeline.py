@@ -405,23 +405,23 @@ def _stage_select(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
     diagonals = _load_trees(workdir / "curvature.npz", params)
     masks, seconds = {}, {}
     top = jax.jit(selection.select_top, static_argnames=("fraction", "largest"))
-    for name in config.selections:
-        start = time.perf_counter()
+    random_top = jax.jit(selection.select_random, static_argnames="fraction")
+
+    def make_mask(name):
         if name in _ESTIMATOR_OF:
             largest = not name.endswith("smallest")
-            masks[name] = top(diagonals[_ESTIMATOR_OF[name]], fraction=config.budget, largest=largest)
-        elif name == "random":
-            masks[name] = jax.jit(selection.select_random, static_argnames="fraction")(
-                params, fraction=config.budget, key=jax.random.key(config.seed)
-            )
-        elif name == "last-layer":
+            return top(diagonals[_ESTIMATOR_OF[name]], fraction=config.budget, largest=largest)
+        if name == "random":
+            return random_top(params, fraction=config.budget, key=jax.random.key(config.seed))
+        if name == "last-layer":
             logits_fn = models.logits_fn_for(setup.model, state.batch_stats)
             layer = selection.last_layer(logits_fn, params, jnp.zeros(setup.input_shape, jnp.float32))
-            masks[name] = selection.select_layers(params, layer)
-        else:
-            masks[name] = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
-        masks[name] = jax.block_until_ready(masks[name])
-        seconds[name] = time.perf_counter() - start
+            return selection.select_layers(params, layer)
+        return jax.tree.map(lambda p: np.ones(p.shape, bool), params)
+
+    for name in config.selections:
+        jax.block_until_ready(make_mask(name))  # compiles; the second call is timed
+        masks[name], seconds[name] = _timed(make_mask, name)
     _save_trees(workdir / "masks.npz", masks)
     total = sum(int(np.size(p)) for p in jax.tree.leaves(params))
     reference = masks.get("hessian-largest")

@@ -226,6 +226,14 @@ def test_saving_again_keeps_only_the_newest(tmp_path, trained, fresh_target):
     assert metadata["run"] == 2 and int(restored.step) == int(state.step) + 1
 
 
+def test_relative_directories_work(tmp_path, monkeypatch, trained, fresh_target):
+    state, _ = trained
+    monkeypatch.chdir(tmp_path)
+    save_checkpoint("runs/model", state)
+    restored, _, _ = restore_checkpoint("runs/model", fresh_target)
+    assert leaf_bits(restored.params) == leaf_bits(state.params)
+
+
 def test_missing_checkpoint_names_the_directory(tmp_path, fresh_target):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere: no such directory"):
