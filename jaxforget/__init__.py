@@ -16,17 +16,29 @@ from jaxforget.curvature import (
     hutchinson_diagonal_with_stderr,
     hvp,
 )
-from jaxforget.data import EMBEDDED_DATASETS, batches, embedded_dataset, stratified_split
+from jaxforget.data import EMBEDDED_DATASETS, TFDS_DATASETS, batches, embedded_dataset, load, stratified_split
 from jaxforget.masking import (
     FreezeState,
     MaskedUpdatesState,
     freeze_unselected,
+    frozen_update,
     leaf_mask,
     masked_updates,
     with_optimizer,
 )
-from jaxforget.metrics import relative_error, top_k_recall
+from jaxforget.metrics import (
+    RelearningResult,
+    accuracy,
+    accuracy_restored,
+    attack_success_rate,
+    fidelity,
+    membership_inference_auc,
+    relative_error,
+    relearning_steps,
+    top_k_recall,
+)
 from jaxforget.models import CNN, MLP, Batch, ResNet18, init_model, logits_fn_for, loss_fn_for
+from jaxforget.scenarios import Scenario, backdoor, label_flip, poison_like, stamp_trigger, triggered_test_set
 from jaxforget.selection import last_layer, mask_summary, select_layers, select_random, select_top
 from jaxforget.train import TrainState, create_train_state, eval_step, evaluate, fit, predict_logits, train_step
 from jaxforget.unlearn import (
@@ -92,4 +104,20 @@ __all__ = [
     "save_checkpoint",
     "restore_checkpoint",
     "latest_checkpoint",
+    "frozen_update",
+    "load",
+    "TFDS_DATASETS",
+    "Scenario",
+    "label_flip",
+    "backdoor",
+    "stamp_trigger",
+    "triggered_test_set",
+    "poison_like",
+    "accuracy",
+    "accuracy_restored",
+    "attack_success_rate",
+    "fidelity",
+    "membership_inference_auc",
+    "relearning_steps",
+    "RelearningResult",
 ]

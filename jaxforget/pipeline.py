@@ -237,10 +237,6 @@ def _setup(config: RunConfig) -> _Setup:
     return _Setup(scenario, test, twin, model, (1, *train_data.inputs.shape[1:]))
 
 
-def _loss_fn(model, batch_stats):
-    return models.loss_fn_for(model, batch_stats)
-
-
 def _new_state(setup: _Setup, config: RunConfig, tx) -> train.TrainState:
     init = jax.jit(lambda key: train.create_train_state(setup.model, key, setup.input_shape, tx))
     return init(jax.random.key(config.seed))
@@ -328,18 +324,18 @@ def _estimators(model, probes: int) -> dict[str, Callable]:
         return curvature.ggn_diagonal(models.logits_fn_for(model, stats), params, batch.inputs)
 
     def hutchinson(params, stats, batch, key):
-        return curvature.hutchinson_diagonal(_loss_fn(model, stats), params, batch, key, num_probes=probes)
+        return curvature.hutchinson_diagonal(models.loss_fn_for(model, stats), params, batch, key, num_probes=probes)
 
     def gnb(params, stats, batch, key):
         return curvature.gnb_diagonal(models.logits_fn_for(model, stats), params, batch.inputs, key)
 
     def fisher(params, stats, batch, key):
         del key
-        return curvature.fisher_diagonal(_loss_fn(model, stats), params, batch)
+        return curvature.fisher_diagonal(models.loss_fn_for(model, stats), params, batch)
 
     def gradient(params, stats, batch, key):
         del key
-        return curvature.gradient_saliency(_loss_fn(model, stats), params, batch)
+        return curvature.gradient_saliency(models.loss_fn_for(model, stats), params, batch)
 
     named = {"hessian": hessian, "hutchinson": hutchinson, "gnb": gnb, "fisher": fisher, "gradient": gradient}
     return {name: jax.jit(fn) for name, fn in named.items()}
@@ -371,7 +367,7 @@ def _stage_curvature(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dic
         seconds[name] = time.perf_counter() - start
         log(f"curvature: {name} diagonal on {sum(len(b.labels) for b in batches)} samples in {seconds[name]:.2f} s")
 
-    grad = jax.jit(jax.grad(lambda p, s, b: _loss_fn(setup.model, s)(p, b)))
+    grad = jax.jit(jax.grad(lambda p, s, b: models.loss_fn_for(setup.model, s)(p, b)))
     batch = models.Batch(sample.inputs[: config.batch_size], sample.labels[: config.batch_size])
     jax.block_until_ready(grad(params, stats, batch))
     gradient_seconds = float(np.median([_timed(grad, params, stats, batch)[1] for _ in range(5)]))
@@ -464,7 +460,7 @@ def _methods(config: RunConfig) -> list[tuple[str, str]]:
     return pairs
 
 
-def _python(tree: dict) -> dict:
+def _scalars_to_python(tree: dict) -> dict:
     return {k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v) for k, v in tree.items()}
 
 
@@ -473,12 +469,12 @@ def _update_functions(setup: _Setup, config: RunConfig, num_train: int) -> dict[
 
     def first_order(params, stats, old, new, mask, curvature_diag, hessian_batches):
         del curvature_diag, hessian_batches
-        return unlearn.first_order_update(_loss_fn(model, stats), params, old, new, tau=config.tau, mask=mask)
+        return unlearn.first_order_update(models.loss_fn_for(model, stats), params, old, new, tau=config.tau, mask=mask)
 
     def diagonal_newton(params, stats, old, new, mask, curvature_diag, hessian_batches):
         del hessian_batches
         return unlearn.diagonal_newton_update(
-            _loss_fn(model, stats),
+            models.loss_fn_for(model, stats),
             params,
             old,
             new,
@@ -491,7 +487,7 @@ def _update_functions(setup: _Setup, config: RunConfig, num_train: int) -> dict[
     def cg(params, stats, old, new, mask, curvature_diag, hessian_batches):
         del curvature_diag
         return unlearn.second_order_update(
-            _loss_fn(model, stats),
+            models.loss_fn_for(model, stats),
             params,
             old,
             new,
@@ -504,6 +500,21 @@ def _update_functions(setup: _Setup, config: RunConfig, num_train: int) -> dict[
         )
 
     return {"first-order": jax.jit(first_order), "diagonal-newton": jax.jit(diagonal_newton), "cg": jax.jit(cg)}
+
+
+# The settings each update depends on, so that adding an update or a selection keeps the finished ones.
+_UPDATE_FIELDS = {
+    "first-order": ("tau",),
+    "diagonal-newton": ("damping",),
+    "finetune": ("finetune_steps", "finetune_lr", "batch_size"),
+    "cg": ("damping", "cg_iterations", "hessian_samples"),
+}
+
+
+def _method_key(config: RunConfig, update: str) -> str:
+    fields = {field: getattr(config, field) for field in _UPDATE_FIELDS[update]}
+    text = json.dumps([_stage_key(config, "select"), update, fields], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _stage_unlearn(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
@@ -530,7 +541,11 @@ def _stage_unlearn(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
     for selection_name, update in _methods(config):
         name = _method_name(selection_name, update)
         path = workdir / "unlearned" / f"{selection_name}--{update}"
-        if path.with_suffix(".json").exists() and json.loads(path.with_suffix(".json").read_text())["key"] == key:
+        method_key = _method_key(config, update)
+        if (
+            path.with_suffix(".json").exists()
+            and json.loads(path.with_suffix(".json").read_text())["key"] == method_key
+        ):
             record["methods"][name] = json.loads(path.with_suffix(".json").read_text())
             continue
         mask = masks[selection_name]
@@ -553,7 +568,11 @@ def _stage_unlearn(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
         seconds = time.perf_counter() - start
         compiled.add(update)
         _save_trees(path.with_suffix(".npz"), {"params": new_params})
-        entry = {"key": key, "seconds": seconds, "diagnostics": _python({k: np.asarray(v) for k, v in info.items()})}
+        entry = {
+            "key": method_key,
+            "seconds": seconds,
+            "diagnostics": _scalars_to_python({k: np.asarray(v) for k, v in info.items()}),
+        }
         write_json_atomic(path.with_suffix(".json"), entry)
         record["methods"][name] = entry
         log(f"unlearn: {name:<34} {seconds:7.3f} s")

@@ -44,8 +44,10 @@ def _interval(values: Sequence[float]) -> tuple[float, float]:
         return mean, 0.0
     from scipy import stats
 
-    half = float(stats.t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
-    return mean, half
+    spread = values.std(ddof=1)
+    if spread <= 1e-12 * max(1.0, abs(mean)):  # equal values up to rounding
+        return mean, 0.0
+    return mean, float(stats.t.ppf(0.975, values.size - 1) * spread / math.sqrt(values.size))
 
 
 def aggregate(runs: Sequence[Sequence[dict[str, Any]]], *, relearn_cap: int) -> list[dict[str, Any]]:
@@ -122,7 +124,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], *, relearn_cap: int) -> str:
 
 
 def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str) -> pathlib.Path:
-    """Attack success and test accuracy per selection rule, one group of bars per update; written atomically."""
+    """Four scores per selection rule, one group of bars per update, the baselines as lines; written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,12 +134,18 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, tit
     updates = list(dict.fromkeys(r["update"] for r in methods))
     selections = list(dict.fromkeys(r["selection"] for r in methods))
     baselines = {r["method"]: r for r in rows if r["update"] is None}
-    figure, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=False)
+    panels = (
+        ("group_accuracy", "accuracy on Z~ (corrected labels)"),
+        ("attack_success", "attack success (held-out, poisoned like Z)"),
+        ("mia_auc", "membership-inference AUC on Z"),
+        ("test_accuracy", "test accuracy"),
+    )
+    figure, axes = plt.subplots(2, 2, figsize=(14, 8.5))
+    axes = axes.ravel()
     width = 0.8 / max(1, len(selections))
     colors = plt.get_cmap("tab10")
-    for ax, key, label in zip(
-        axes, ("attack_success", "test_accuracy"), ("attack success", "test accuracy"), strict=True
-    ):
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        shown = []
         for j, selection_name in enumerate(selections):
             values, errors, positions = [], [], []
             for i, update in enumerate(updates):
@@ -147,15 +155,21 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, tit
                     values.append(match[0][key])
                     errors.append(match[0].get(f"{key}_ci") or 0.0)
             ax.bar(positions, values, width, yerr=errors, label=selection_name, color=colors(j % 10))
+            shown += values
         for name, style in (("poisoned", "--"), ("retrained", ":")):
             if name in baselines and baselines[name].get(key) is not None:
                 ax.axhline(baselines[name][key], color="black", linestyle=style, linewidth=1, label=name)
+                shown.append(baselines[name][key])
         ax.set_xticks(range(len(updates)), updates)
-        ax.set_ylabel(label)
-        ax.set_ylim(0, 1.05)
-    axes[0].legend(fontsize=7, ncol=2, loc="upper right")
+        ax.set_title(label, fontsize=9)
+        if key == "test_accuracy" and shown:  # zoomed: the differences are a few points
+            ax.set_ylim(max(0.0, min(shown) - 0.03), min(1.02, max(shown) + 0.02))
+        else:
+            ax.set_ylim(0.0, 1.02)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     path = pathlib.Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
     os.close(handle)

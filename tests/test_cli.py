@@ -85,3 +85,34 @@ def test_missing_tfds_data_fails_fast_naming_the_fix(tmp_path, capsys):
         cli.main(["run", "--dataset", "mnist", "--data-dir", str(tmp_path / "none"), "--workdir", str(tmp_path)]) == 2
     )
     assert "--download" in capsys.readouterr().err
+
+
+def test_a_crash_mid_stage_keeps_what_had_finished(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    from jaxforget import unlearn
+
+    root, _ = tiny_run
+    workdir = tmp_path / "work"
+    shutil.copytree(root / "work", workdir)
+    seed_dir = workdir / "seed-0"
+    for path in [seed_dir / "unlearn.json", seed_dir / "evaluate.json", *(seed_dir / "unlearned").iterdir()]:
+        path.unlink()
+    args = ["run", *TINY, "--workdir", str(workdir), "--out", str(tmp_path / "out"), "--quiet"]
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(unlearn, "finetune_unlearn", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        cli.main(args)
+    assert not (seed_dir / "unlearn.json").exists()
+    finished = {p.name: p.stat().st_mtime_ns for p in (seed_dir / "unlearned").iterdir()}
+    assert "hessian-largest--first-order.npz" in finished and "all--diagonal-newton.json" in finished
+    assert not any("finetune" in name for name in finished)
+
+    monkeypatch.undo()
+    assert cli.main(args) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in (seed_dir / "unlearned").iterdir()}
+    assert all(after[name] == mtime for name, mtime in finished.items())  # reused, not recomputed
+    assert (seed_dir / "unlearn.json").exists() and any("finetune" in name for name in after)
