@@ -2,30 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import tempfile
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
-__all__ = ["write_text_atomic", "write_json_atomic"]
+__all__ = ["open_atomic", "write_text_atomic", "write_json_atomic"]
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> pathlib.Path:
-    """Writes ``text`` to a temporary file beside ``path``, flushes it to disk, then renames it over ``path``."""
+@contextlib.contextmanager
+def open_atomic(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Opens a temporary file beside ``path`` for writing; on a clean exit flushes it to disk and renames it over
+    ``path``, on an exception removes it and leaves ``path`` as it was."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
+        with os.fdopen(handle, mode) as stream:
+            yield stream
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         pathlib.Path(temporary).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> pathlib.Path:
+    """Writes ``text`` to a temporary file beside ``path``, flushes it to disk, then renames it over ``path``."""
+    with open_atomic(path, "w") as stream:
+        stream.write(text)
+    return pathlib.Path(path)
 
 
 def write_json_atomic(path: str | os.PathLike, record: Any) -> pathlib.Path:

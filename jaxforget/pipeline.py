@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +28,7 @@ import numpy as np
 import optax
 
 from jaxforget import checkpoint, curvature, data, metrics, models, scenarios, selection, train, unlearn
-from jaxforget.atomic import write_json_atomic
+from jaxforget.atomic import open_atomic, write_json_atomic
 
 __all__ = ["RunConfig", "SELECTIONS", "UPDATES", "STAGES", "run_stage", "check_config"]
 
@@ -148,7 +147,6 @@ def _stage_key(config: RunConfig, stage: str) -> str:
     fields = {}
     for name in STAGES[: STAGES.index(stage) + 1]:
         fields.update({field: getattr(config, field) for field in _STAGE_FIELDS[name]})
-    fields["data_dir"] = None  # where the data came from does not change it
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -183,17 +181,8 @@ def _save_trees(path: pathlib.Path, trees: dict[str, PyTree]) -> None:
     for name, tree in trees.items():
         for index, leaf in enumerate(jax.tree.leaves(tree)):
             arrays[f"{name}/{index}"] = np.asarray(leaf)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        pathlib.Path(temporary).unlink(missing_ok=True)
-        raise
+    with open_atomic(path, "wb") as stream:
+        np.savez(stream, **arrays)
 
 
 def _load_trees(path: pathlib.Path, like: PyTree) -> dict[str, PyTree]:

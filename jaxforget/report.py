@@ -10,13 +10,12 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from jaxforget.atomic import write_json_atomic, write_text_atomic
+from jaxforget.atomic import open_atomic, write_json_atomic, write_text_atomic
 
 __all__ = ["COLUMNS", "aggregate", "format_table", "markdown_table", "plot_results", "write_results"]
 
@@ -171,14 +170,11 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, tit
     figure.suptitle(title, fontsize=10)
     figure.tight_layout(rect=(0, 0.07, 1, 1))
     path = pathlib.Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
-    os.close(handle)
     try:
-        figure.savefig(temporary, dpi=110)
-        os.replace(temporary, path)
+        with open_atomic(path, "wb") as stream:
+            figure.savefig(stream, format="png", dpi=110)
     finally:
         plt.close(figure)
-        pathlib.Path(temporary).unlink(missing_ok=True)
     return path
 
 
