@@ -326,3 +326,23 @@ def test_updates_jit_and_match_eager(poisoned_regression):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a converged solve warns about nothing
         jax.block_until_ready(jitted)
+
+
+def test_finetune_step_is_the_step_finetune_unlearn_takes():
+    model = jf.CNN(features=(3, 4), hidden=8, use_batch_norm=True)
+    variables = jax.jit(lambda k: jf.init_model(model, k, (1, 8, 8, 1)))(jax.random.key(0))
+    tx = optax.adam(1e-2)
+    state = jf.TrainState.create(
+        apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"]
+    )
+    inputs = jax.random.normal(jax.random.key(1), (8, 8, 8, 1), jnp.float32)
+    new = jf.Batch(inputs, jnp.arange(8) % 10)
+    retain = jf.Batch(-inputs, (jnp.arange(8) + 3) % 10)
+    mask = jf.select_random(state.params, 0.3, jax.random.key(2, impl="threefry2x32"))
+    looped, _ = unlearn.finetune_unlearn(state, new, [retain], tx=tx, mask=mask, steps=1)
+    frozen = state.replace(
+        tx=jf.freeze_unselected(tx, mask), opt_state=jf.freeze_unselected(tx, mask).init(state.params)
+    )
+    stepped, metrics = jax.jit(unlearn.finetune_step)(frozen, new, retain)
+    np.testing.assert_array_equal(ravel(stepped.params), ravel(looped.params))
+    assert int(looped.step) == int(stepped.step) == 1 and float(metrics["loss"]) > float(metrics["new_loss"])
