@@ -517,7 +517,6 @@ def diagonal_newton_update(
     """
     n = _check_group(old_batch, new_batch)
     check_tree_matches(curvature, params, "curvature")
-    _check_count(num_train, "num_train")
     num_train = _check_num_train(num_train, num_train, n)
     _check_positive_number(damping, "damping")
     mask = _full_mask(params, mask)
