@@ -158,12 +158,16 @@ def _record_path(workdir: pathlib.Path, stage: str) -> pathlib.Path:
     return workdir / f"{stage}.json"
 
 
-def _finished(workdir: pathlib.Path, stage: str, config: RunConfig) -> dict | None:
-    path = _record_path(workdir, stage)
+def _current_record(path: pathlib.Path, key: str) -> dict | None:
+    """The JSON record at ``path`` if it exists and was written for ``key`` (the same settings), else None."""
     if not path.exists():
         return None
     record = json.loads(path.read_text())
-    return record if record.get("key") == _stage_key(config, stage) else None
+    return record if record.get("key") == key else None
+
+
+def _finished(workdir: pathlib.Path, stage: str, config: RunConfig) -> dict | None:
+    return _current_record(_record_path(workdir, stage), _stage_key(config, stage))
 
 
 def _require(workdir: pathlib.Path, stage: str, config: RunConfig) -> dict:
@@ -269,8 +273,9 @@ def _stage_train(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
     record = {"key": key, "models": {}}
     for name, training_set in (("poisoned", setup.scenario.train), ("retrained", setup.scenario.clean)):
         model_record = workdir / f"train-{name}.json"
-        if model_record.exists() and json.loads(model_record.read_text()).get("key") == key:
-            record["models"][name] = json.loads(model_record.read_text())
+        done = _current_record(model_record, key)
+        if done is not None:
+            record["models"][name] = done
             log(f"train: {name} model already trained (reusing {workdir / name})")
             continue
         state = _new_state(setup, config, optax.adam(config.learning_rate))
@@ -331,8 +336,8 @@ def _estimators(model, probes: int) -> dict[str, Callable]:
 
 
 def _chunks(batch: models.Batch, size: int) -> list[models.Batch]:
-    n = len(batch.labels) - len(batch.labels) % size or len(batch.labels)
-    return [models.Batch(batch.inputs[i : i + size], batch.labels[i : i + size]) for i in range(0, n, size)]
+    """Consecutive batches of ``min(size, n)`` rows, in order (a remainder is dropped)."""
+    return list(data.batches(batch, min(size, len(batch.labels)), seed=0, shuffle=False))
 
 
 def _stage_curvature(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
@@ -340,7 +345,7 @@ def _stage_curvature(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dic
     state = _restore(workdir, "poisoned", setup, config)
     params, stats = state.params, state.batch_stats
     sample = _subset(setup.scenario.train, config.curvature_samples, config.seed)
-    chunks = _chunks(sample, min(64, len(sample.labels)))
+    chunks = _chunks(sample, 64)
     needed = ["hessian"] + sorted({_ESTIMATOR_OF[s] for s in config.selections if s in _ESTIMATOR_OF} - {"hessian"})
     estimators = _estimators(setup.model, config.probes)
     diagonals, seconds = {}, {}
@@ -518,7 +523,7 @@ def _stage_unlearn(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
     functions = _update_functions(setup, config, num_train)
     batch = min(config.batch_size, scenario.size)
     hessian_sample = _subset(scenario.train, config.hessian_samples, config.seed + 1)
-    hessian_batches = unlearn.stack_batches(_chunks(hessian_sample, min(64, len(hessian_sample.labels))))
+    hessian_batches = unlearn.stack_batches(_chunks(hessian_sample, 64))
     retained = np.setdiff1d(np.arange(num_train), scenario.group)
     retain_data = models.Batch(scenario.train.inputs[retained], scenario.train.labels[retained])
     retain_batches = list(data.batches(retain_data, batch, seed=config.seed, epochs=1))[: config.finetune_steps]
@@ -531,11 +536,9 @@ def _stage_unlearn(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
         name = _method_name(selection_name, update)
         path = workdir / "unlearned" / f"{selection_name}--{update}"
         method_key = _method_key(config, update)
-        if (
-            path.with_suffix(".json").exists()
-            and json.loads(path.with_suffix(".json").read_text())["key"] == method_key
-        ):
-            record["methods"][name] = json.loads(path.with_suffix(".json").read_text())
+        done = _current_record(path.with_suffix(".json"), method_key)
+        if done is not None:
+            record["methods"][name] = done
             continue
         mask = masks[selection_name]
         if update == "finetune":
@@ -602,7 +605,7 @@ def _stage_evaluate(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict
     predict = _predictions(setup, config)
     twin_probe = _subset(setup.twin, 256, config.seed)
     non_members = _subset(setup.twin, scenario.size, config.seed + 2)
-    group_batches = _chunks(scenario.poisoned_group, min(config.batch_size, scenario.size))
+    group_batches = _chunks(scenario.poisoned_group, config.batch_size)
     relearn_step = jax.jit(train.train_step)
     reference = {
         "test": predict(retrained.params, retrained.batch_stats, setup.test)[0],

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
-from jaxforget.curvature import check_tree_matches
+from jaxforget.curvature import _check_choice, _check_positive, check_tree_matches, hvp
 from jaxforget.masking import freeze_unselected, frozen_update
 from jaxforget.models import Batch
 from jaxforget.selection import check_mask
@@ -110,11 +110,6 @@ def _check_positive_number(value: float, name: str) -> None:
         raise ValueError(f"{name}={value!r} must be a positive number.")
 
 
-def _check_count(value: int, name: str, *, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer of at least {minimum}.")
-
-
 def _check_hessian_batches(hessian_batches: PyTree, old_batch: PyTree) -> tuple[int, int]:
     """(K, B) of stacked ``hessian_batches`` [K, B, ...], checked against a batch of the same kind."""
     if jax.tree.structure(hessian_batches) != jax.tree.structure(old_batch):
@@ -144,7 +139,7 @@ def _full_mask(params: PyTree, mask: PyTree | None) -> PyTree:
 def _check_num_train(num_train: int | None, default: int, group: int) -> int:
     if num_train is None:
         num_train = default
-    _check_count(num_train, "num_train")
+    _check_positive(num_train, "num_train")
     if num_train < group:
         raise ValueError(
             f"num_train={num_train} is smaller than the group of {group} samples; pass the size of the training set "
@@ -214,7 +209,7 @@ def _mean_hvp(loss_fn: LossFn, params: PyTree, stacked: PyTree, v: PyTree, num_b
     """Mean over the K stacked batches of ``loss_fn``'s Hessian times ``v`` (equal sizes: the mean over samples)."""
 
     def one(batch):
-        return jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (params,), (v,))[1]
+        return hvp(loss_fn, params, batch, v)
 
     if num_batches == 1:
         return one(_batch_at(stacked, 0))
@@ -411,13 +406,12 @@ def second_order_update(
     n = _check_group(old_batch, new_batch)
     num_batches, batch_size = _check_hessian_batches(hessian_batches, old_batch)
     num_train = _check_num_train(num_train, num_batches * batch_size, n)
-    if solver not in _SOLVERS:
-        raise ValueError(f"solver={solver!r} is not supported; choose one of {list(_SOLVERS)}.")
+    _check_choice(solver, _SOLVERS, "solver")
     _check_nonnegative(damping, "damping")
     _check_positive_number(tol, "tol")
-    _check_count(max_iterations, "max_iterations")
-    _check_count(depth, "depth")
-    _check_count(power_iterations, "power_iterations")
+    _check_positive(max_iterations, "max_iterations")
+    _check_positive(depth, "depth")
+    _check_positive(power_iterations, "power_iterations")
     if scale is not None:
         _check_positive_number(scale, "scale")
     mask = _full_mask(params, mask)
@@ -426,8 +420,7 @@ def second_order_update(
         return _mean_hvp(loss_fn, params, hessian_batches, v, num_batches)
 
     def hvp_on(index):
-        batch = _batch_at(hessian_batches, index)
-        return lambda v: jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (params,), (v,))[1]
+        return lambda v: hvp(loss_fn, params, _batch_at(hessian_batches, index), v)
 
     g = _gradient_difference(loss_fn, params, old_batch, new_batch, n)
     b = _masked(otu.tree_scale(1.0 / num_train, g), mask)
@@ -639,7 +632,7 @@ def finetune_unlearn(
       ``(state, diagnostics)`` with ``steps``, ``gradient_evals`` (per-batch gradients: 1 to 3 per step),
       ``update_norm`` (‖θ_new − θ‖) and ``loss`` (the per-step objective, a numpy array).
     """
-    _check_count(steps, "steps")
+    _check_positive(steps, "steps")
     _check_nonnegative(retain_weight, "retain_weight")
     _check_nonnegative(ascent_weight, "ascent_weight")
     if ascent_weight > 0 and old_batches is None:
