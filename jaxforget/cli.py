@@ -27,7 +27,7 @@ def _help(name: str) -> str:
     """The comment beside a RunConfig field, as its help text."""
     import inspect
 
-    from jaxforget.pipeline import RunConfig
+    from jaxforget.settings import RunConfig
 
     for line in inspect.getsource(RunConfig).splitlines():
         if line.strip().startswith(f"{name}:") and "#" in line:
@@ -35,8 +35,21 @@ def _help(name: str) -> str:
     return ""
 
 
+def _value_type(field) -> type:
+    """The type a RunConfig field's option parses to: ``float | None`` parses as ``float``."""
+    import types
+    import typing
+
+    from jaxforget.settings import RunConfig
+
+    hint = typing.get_type_hints(RunConfig)[field.name]
+    if isinstance(hint, types.UnionType):
+        return next(t for t in typing.get_args(hint) if t is not type(None))
+    return hint
+
+
 def _options() -> argparse.ArgumentParser:
-    from jaxforget.pipeline import SELECTIONS, STAGES, UPDATES, RunConfig
+    from jaxforget.settings import SELECTIONS, STAGES, UPDATES, RunConfig
 
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("settings (shared by every stage; a changed setting reruns what depends on it)")
@@ -51,8 +64,10 @@ def _options() -> argparse.ArgumentParser:
             group.add_argument(flag, action="store_true", help=_help(field.name))
         elif field.name == "data_dir":
             group.add_argument(flag, default=None, metavar="DIR", help=_help(field.name))
+        elif default is None:
+            group.add_argument(flag, type=_value_type(field), default=None, help=_help(field.name))
         else:
-            group.add_argument(flag, type=type(default), default=default, help=text)
+            group.add_argument(flag, type=_value_type(field), default=default, help=text)
     group.add_argument(
         "--seeds",
         default=None,
@@ -85,7 +100,7 @@ def _options() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace, seed: int):
-    from jaxforget.pipeline import RunConfig
+    from jaxforget.settings import RunConfig
 
     values = {}
     for field in dataclasses.fields(RunConfig):
@@ -132,7 +147,12 @@ def _report(configs, records, compute, out: pathlib.Path, seconds: float) -> Non
         },
         "per_seed": [r["rows"] for r in records],
     }
-    paths = report.write_results(out, record, rows, relearn_cap=config.relearn_steps, title=title)
+    per_seed = [r["rows"] for r in records]
+    paired = len(seeds) > 1 and "hessian-largest" in config.selections
+    comparisons = report.paired_comparisons(per_seed, relearn_cap=config.relearn_steps) if paired else None
+    paths = report.write_results(
+        out, record, rows, relearn_cap=config.relearn_steps, title=title, comparisons=comparisons
+    )
     print(title)
     print(report.format_table(rows, relearn_cap=config.relearn_steps))
     stage_total = sum(sum(c.values()) for c in compute)
@@ -141,7 +161,8 @@ def _report(configs, records, compute, out: pathlib.Path, seconds: float) -> Non
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _options().parse_args(argv)
-    from jaxforget.pipeline import STAGES, check_config, run_stage
+    from jaxforget.pipeline import run_stage
+    from jaxforget.settings import STAGES, check_config
 
     start = time.perf_counter()
     try:

@@ -3,18 +3,20 @@
 Each stage reads what the previous ones wrote under ``workdir`` and writes its own results there atomically, with a
 key of the settings it depends on. A rerun with the same settings skips every finished stage; a changed setting
 reruns the stages that depend on it; a crash mid-stage loses nothing that was finished. The CLI
-(:mod:`jaxforget.cli`) is a thin layer over :func:`run_stage`.
+(:mod:`jaxforget.cli`) is a thin layer over :func:`run_stage`; the settings live in :mod:`jaxforget.settings`.
 
-The comparison: at the same parameter budget, each selection rule (the paper's Hessian-largest and its baselines)
-is combined with each unlearning update, and every result is scored against the poisoned model and the model
-retrained without the poison.
+The protocol: the training data is split once (the same split for every seed) into the training set proper, a
+validation set (for tuning, never reported) and a held-out set (the attack set and the membership non-members); the
+test split serves only the final scores. The curvature is the Hessian diagonal of the whole training loss (streamed
+over every training sample). At the same parameter budget, each selection rule is combined with each unlearning
+update, each with its tuned hyperparameters, and every result is scored against the poisoned model and the model
+retrained without the poison, each model with its own batch-norm statistics.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import pathlib
@@ -29,125 +31,40 @@ import optax
 
 from jaxforget import checkpoint, curvature, data, metrics, models, scenarios, selection, train, unlearn
 from jaxforget.atomic import open_atomic, write_json_atomic
+from jaxforget.settings import (
+    ESTIMATOR_OF,
+    FINETUNE_UPDATES,
+    SELECTIONS,
+    STAGES,
+    UPDATES,
+    RunConfig,
+    check_config,
+    hyperparameters,
+    method_key,
+    methods,
+    stage_key,
+)
+from jaxforget.timing import time_runs
 
-__all__ = ["RunConfig", "SELECTIONS", "UPDATES", "STAGES", "run_stage", "check_config"]
+__all__ = [
+    "RunConfig",
+    "SELECTIONS",
+    "UPDATES",
+    "STAGES",
+    "run_stage",
+    "check_config",
+    "setup",
+    "Setup",
+    "restore_model",
+    "load_trees",
+    "one_step_updates",
+    "Finetuning",
+    "hessian_batches",
+    "cg_update",
+]
 
 PyTree = Any
-
-# Selection rules. "hessian" is the exact Hessian diagonal: the exact GGN diagonal, equal to it for these networks.
-SELECTIONS = (
-    "hessian-largest",
-    "hessian-smallest",
-    "hutchinson-largest",
-    "gnb-largest",
-    "fisher-largest",
-    "gradient-largest",
-    "random",
-    "last-layer",
-    "all",
-)
-UPDATES = ("first-order", "diagonal-newton", "finetune", "cg")
-STAGES = ("train", "curvature", "select", "unlearn", "evaluate")
-MODELS = ("cnn", "mlp", "resnet18")
-SCENARIOS = ("backdoor", "label-flip")
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """Every setting of the main job. Field docs double as the CLI's ``--help``."""
-
-    dataset: str = "mnist5k"  # data set: embedded (mnist5k, digits) or tfds (mnist, fashion_mnist, cifar10)
-    model: str = "cnn"  # cnn (the paper's), mlp or resnet18
-    scenario: str = "label-flip"  # label-flip (label c -> c+1) or backdoor (a 3x3 trigger patch -> class 0)
-    group_size: int = 200  # samples in the affected group Z
-    budget: float = 0.01  # fraction of the parameters each selection rule may update
-    selections: tuple[str, ...] = SELECTIONS  # selection rules to compare
-    updates: tuple[str, ...] = ("first-order", "diagonal-newton", "finetune")  # unlearning updates (add cg)
-    cg_selections: tuple[str, ...] = ("hessian-largest", "all")  # selections the (costly) CG update runs on
-    seed: int = 0  # seed for the group, initialization, batches, probes and random masks
-    train_steps: int = 500  # Adam steps for the poisoned and the retrained model
-    batch_size: int = 64  # training batch size
-    learning_rate: float = 1e-3  # Adam learning rate for training
-    curvature_samples: int = 256  # training samples the curvature is estimated on
-    probes: int = 16  # Hutchinson probes
-    tau: float = 3e-4  # first-order step size (on the sum over the group)
-    damping: float = 1.0  # damping of the mean-loss Hessian for diagonal Newton and CG
-    finetune_steps: int = 30  # steps of masked fine-tuning on Z~ (with retained data)
-    finetune_lr: float = 1e-3  # Adam learning rate for masked fine-tuning
-    cg_iterations: int = 10  # CG iteration cap
-    hessian_samples: int = 256  # training samples per Hessian-vector product in CG
-    relearn_steps: int = 20  # cap on the fine-tuning steps on Z in the relearning test
-    data_dir: str | None = None  # tfds data directory
-    download: bool = False  # let tfds download missing data
-
-
-# The settings each stage depends on (beyond those of the stages before it).
-_STAGE_FIELDS = {
-    "train": ("dataset", "model", "scenario", "group_size", "seed", "train_steps", "batch_size", "learning_rate"),
-    "curvature": ("curvature_samples", "probes"),
-    "select": ("budget", "selections"),
-    "unlearn": (
-        "updates",
-        "cg_selections",
-        "tau",
-        "damping",
-        "finetune_steps",
-        "finetune_lr",
-        "cg_iterations",
-        "hessian_samples",
-    ),
-    "evaluate": ("relearn_steps",),
-}
-
-
-def check_config(config: RunConfig) -> None:
-    """Raises ``ValueError`` naming the option and the fix for any bad setting, before anything is computed."""
-
-    def fail(option: str, message: str) -> None:
-        raise ValueError(f"--{option.replace('_', '-')}: {message}")
-
-    names = data.EMBEDDED_DATASETS + data.TFDS_DATASETS
-    if config.dataset not in names:
-        fail("dataset", f"{config.dataset!r} is not a data set; choose one of {', '.join(names)}.")
-    if config.model not in MODELS:
-        fail("model", f"{config.model!r} is not a model; choose one of {', '.join(MODELS)}.")
-    if config.scenario not in SCENARIOS:
-        fail("scenario", f"{config.scenario!r} is not a scenario; choose one of {', '.join(SCENARIOS)}.")
-    if not 0 < config.budget <= 1:
-        fail("budget", f"{config.budget} must be a fraction of the parameters in (0, 1], e.g. 0.01.")
-    for option, chosen, allowed in (
-        ("selections", config.selections, SELECTIONS),
-        ("cg_selections", config.cg_selections, SELECTIONS),
-        ("updates", config.updates, UPDATES),
-    ):
-        unknown = [name for name in chosen if name not in allowed]
-        if unknown or (option != "cg_selections" and not chosen):
-            fail(option, f"{', '.join(unknown) or 'nothing'} chosen; choose from {', '.join(allowed)}.")
-    for option in (
-        "group_size",
-        "train_steps",
-        "batch_size",
-        "curvature_samples",
-        "probes",
-        "finetune_steps",
-        "cg_iterations",
-        "hessian_samples",
-        "relearn_steps",
-    ):
-        if getattr(config, option) < 1:
-            fail(option, f"{getattr(config, option)} must be at least 1.")
-    if config.seed < 0:
-        fail("seed", f"{config.seed} must be non-negative.")
-    for option in ("tau", "damping", "learning_rate", "finetune_lr"):
-        if not getattr(config, option) > 0:
-            fail(option, f"{getattr(config, option)} must be positive.")
-
-
-def _stage_key(config: RunConfig, stage: str) -> str:
-    fields = {}
-    for name in STAGES[: STAGES.index(stage) + 1]:
-        fields.update({field: getattr(config, field) for field in _STAGE_FIELDS[name]})
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=list).encode()).hexdigest()[:16]
+_CURVATURE_BATCH = 64  # samples per batch of the curvature stream
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,7 +84,7 @@ def _current_record(path: pathlib.Path, key: str) -> dict | None:
 
 
 def _finished(workdir: pathlib.Path, stage: str, config: RunConfig) -> dict | None:
-    return _current_record(_record_path(workdir, stage), _stage_key(config, stage))
+    return _current_record(_record_path(workdir, stage), stage_key(config, stage))
 
 
 def _require(workdir: pathlib.Path, stage: str, config: RunConfig) -> dict:
@@ -189,7 +106,9 @@ def _save_trees(path: pathlib.Path, trees: dict[str, PyTree]) -> None:
         np.savez(stream, **arrays)
 
 
-def _load_trees(path: pathlib.Path, like: PyTree) -> dict[str, PyTree]:
+def load_trees(path: pathlib.Path, like: PyTree) -> dict[str, PyTree]:
+    """The pytrees a stage saved in the ``.npz`` at ``path`` (e.g. ``curvature.npz``, ``masks.npz``), by name, each
+    with the structure of ``like`` (the params)."""
     treedef = jax.tree.structure(like)
     with np.load(path) as stored:
         names = sorted({key.split("/")[0] for key in stored.files})
@@ -204,47 +123,107 @@ def _load_trees(path: pathlib.Path, like: PyTree) -> dict[str, PyTree]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Setup:
+class Setup:
+    """The data and model of one configuration.
+
+    Attributes:
+      scenario: (D, Z, Z~) on the training set proper.
+      test: the test split (final scores only).
+      validation: training samples never trained on, for tuning.
+      validation_twin: the validation samples poisoned like Z (for tuning against the attack).
+      attack: held-out training samples poisoned like Z: the attack set (attack success).
+      non_members: part of ``attack``, as many as Z: the membership-inference non-members.
+      model: the Flax model.
+      input_shape: ``(1, *sample_shape)``.
+    """
+
     scenario: scenarios.Scenario
     test: models.Batch
-    twin: models.Batch  # held-out samples poisoned like Z (attack success, membership non-members, relearning)
+    validation: models.Batch
+    validation_twin: models.Batch
+    attack: models.Batch
+    non_members: models.Batch
     model: Any
     input_shape: tuple[int, ...]
 
 
+def _take(batch: models.Batch, index: np.ndarray) -> models.Batch:
+    return models.Batch(batch.inputs[index], batch.labels[index])
+
+
+def _subset(batch: models.Batch, size: int, seed: int) -> models.Batch:
+    index = np.sort(np.random.default_rng(seed).choice(len(batch.labels), min(size, len(batch.labels)), replace=False))
+    return _take(batch, index)
+
+
+def _split_training_data(full: models.Batch, config: RunConfig) -> tuple[models.Batch, models.Batch, models.Batch]:
+    """(training set proper, validation, held-out): stratified, the same for every seed."""
+    n = len(full.labels)
+    kept = n - config.validation_size - config.holdout_size
+    if kept < config.group_size + config.batch_size:
+        raise ValueError(
+            f"--validation-size {config.validation_size} and --holdout-size {config.holdout_size} leave {kept} of the "
+            f"{n} training samples of {config.dataset}, fewer than --group-size plus --batch-size "
+            f"({config.group_size + config.batch_size}); lower them."
+        )
+    rest, validation = data.stratified_split(full.labels, config.validation_size / n, seed=0)
+    kept_index, holdout = data.stratified_split(full.labels[rest], config.holdout_size / rest.size, seed=1)
+    return _take(full, rest[kept_index]), _take(full, validation), _take(full, rest[holdout])
+
+
 @functools.lru_cache(maxsize=4)
-def _setup(config: RunConfig) -> _Setup:
-    train_data = data.load(config.dataset, "train", data_dir=config.data_dir, download=config.download)
+def setup(config: RunConfig) -> Setup:
+    """Loads the data, splits it, builds the scenario and the model (cached per configuration)."""
+    full = data.load(config.dataset, "train", data_dir=config.data_dir, download=config.download)
     test = data.load(config.dataset, "test", data_dir=config.data_dir, download=config.download)
-    num_classes = int(max(train_data.labels.max(), test.labels.max())) + 1
+    num_classes = int(max(full.labels.max(), test.labels.max())) + 1
+    train_data, validation, holdout = _split_training_data(full, config)
     if config.scenario == "backdoor":
-        scenario = scenarios.backdoor(train_data, config.group_size, config.seed, target_class=0)
+        scenario = scenarios.backdoor(
+            train_data, config.group_size, config.seed, target_class=0, correction=config.correction
+        )
     else:
         scenario = scenarios.label_flip(train_data, config.group_size, config.seed, num_classes=num_classes)
     model = {
         "cnn": lambda: models.CNN(num_classes=num_classes),
         "mlp": lambda: models.MLP(num_classes=num_classes, hidden=(256,), activation="relu"),
-        "resnet18": lambda: models.ResNet18(num_classes=num_classes),
+        "resnet18": lambda: models.ResNet18(num_classes=num_classes, width=config.width),
     }[config.model]()
-    twin = scenarios.poison_like(test, scenario, seed=config.seed)
-    return _Setup(scenario, test, twin, model, (1, *train_data.inputs.shape[1:]))
+    attack = scenarios.poison_like(holdout, scenario, seed=config.seed)
+    return Setup(
+        scenario=scenario,
+        test=test,
+        validation=validation,
+        validation_twin=scenarios.poison_like(validation, scenario, seed=config.seed),
+        attack=attack,
+        non_members=_subset(attack, scenario.size, config.seed + 2),
+        model=model,
+        input_shape=(1, *train_data.inputs.shape[1:]),
+    )
 
 
-def _new_state(setup: _Setup, config: RunConfig, tx) -> train.TrainState:
+def _new_state(setup: Setup, config: RunConfig, tx) -> train.TrainState:
     init = jax.jit(lambda key: train.create_train_state(setup.model, key, setup.input_shape, tx))
     return init(jax.random.key(config.seed))
 
 
-def _restore(workdir: pathlib.Path, name: str, setup: _Setup, config: RunConfig) -> train.TrainState:
+def restore_model(workdir: str | os.PathLike, name: str, config: RunConfig) -> train.TrainState:
+    """The ``"poisoned"`` or ``"retrained"`` model that the train stage checkpointed in ``workdir``."""
     state, _, _ = checkpoint.restore_checkpoint(
-        workdir / name, _new_state(setup, config, optax.adam(config.learning_rate))
+        pathlib.Path(workdir) / name, _new_state(setup(config), config, optax.adam(config.learning_rate))
     )
     return state
 
 
-def _subset(batch: models.Batch, size: int, seed: int) -> models.Batch:
-    index = np.sort(np.random.default_rng(seed).choice(len(batch.labels), min(size, len(batch.labels)), replace=False))
-    return models.Batch(batch.inputs[index], batch.labels[index])
+def _chunks(batch: models.Batch, size: int) -> list[models.Batch]:
+    """Consecutive batches of ``min(size, n)`` rows, in order; the last one holds the remainder."""
+    return list(data.batches(batch, min(size, len(batch.labels)), seed=0, shuffle=False, drop_remainder=False))
+
+
+def _median_seconds(fn: Callable, args: tuple, repeats: int) -> tuple[Any, float]:
+    """The output of ``fn(*args)`` and the median seconds of ``repeats`` runs after a warm-up (compilation)."""
+    times, _, output = time_runs(fn, args, repeats=repeats)
+    return output, float(np.median(times))
 
 
 class _Log:
@@ -256,10 +235,8 @@ class _Log:
             print(message, flush=True)
 
 
-def _timed(fn: Callable, *args) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    return out, time.perf_counter() - start
+def _tree_count(tree: PyTree) -> int:
+    return sum(int(np.sum(np.asarray(leaf))) for leaf in jax.tree.leaves(tree))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,18 +244,18 @@ def _timed(fn: Callable, *args) -> tuple[Any, float]:
 
 
 def _stage_train(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
-    setup = _setup(config)
+    setup_ = setup(config)
     step, evaluate_step = jax.jit(train.train_step), jax.jit(train.eval_step)
-    key = _stage_key(config, "train")
-    record = {"key": key, "models": {}}
-    for name, training_set in (("poisoned", setup.scenario.train), ("retrained", setup.scenario.clean)):
+    key = stage_key(config, "train")
+    record = {"key": key, "models": {}, "train_samples": len(setup_.scenario.train.labels)}
+    for name, training_set in (("poisoned", setup_.scenario.train), ("retrained", setup_.scenario.clean)):
         model_record = workdir / f"train-{name}.json"
         done = _current_record(model_record, key)
         if done is not None:
             record["models"][name] = done
             log(f"train: {name} model already trained (reusing {workdir / name})")
             continue
-        state = _new_state(setup, config, optax.adam(config.learning_rate))
+        state = _new_state(setup_, config, optax.adam(config.learning_rate))
         epochs = -(-config.train_steps // (len(training_set.labels) // config.batch_size))  # full batches only
         stream = data.batches(training_set, config.batch_size, seed=config.seed, epochs=epochs)
         start = time.perf_counter()
@@ -286,32 +263,29 @@ def _stage_train(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
             state, stream, step, num_steps=config.train_steps, progress=not log.quiet, description=f"train {name}"
         )
         seconds = time.perf_counter() - start
-        accuracy = train.evaluate(state, setup.test, evaluate_step)["accuracy"]
+        accuracy = train.evaluate(state, setup_.validation, evaluate_step)["accuracy"]
         checkpoint.save_checkpoint(
             workdir / name, state, metadata={"stage_key": key, "config": dataclasses.asdict(config), "model": name}
         )
-        entry = {"key": key, "seconds": seconds, "final_loss": float(history["loss"][-1]), "test_accuracy": accuracy}
+        entry = {
+            "key": key,
+            "seconds": seconds,
+            "final_loss": float(history["loss"][-1]),
+            "validation_accuracy": accuracy,
+        }
         write_json_atomic(model_record, entry)
         record["models"][name] = entry
-        log(f"train: {name} model, test accuracy {accuracy:.4f} after {config.train_steps} steps ({seconds:.1f} s)")
+        log(f"train: {name} model, validation accuracy {accuracy:.4f} ({config.train_steps} steps, {seconds:.1f} s)")
     return record
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stage 2: curvature estimates at the poisoned parameters.
-
-_ESTIMATOR_OF = {
-    "hessian-largest": "hessian",
-    "hessian-smallest": "hessian",
-    "hutchinson-largest": "hutchinson",
-    "gnb-largest": "gnb",
-    "fisher-largest": "fisher",
-    "gradient-largest": "gradient",
-}
+# Stage 2: curvature estimates at the poisoned parameters, streamed over the whole training set.
 
 
 def _estimators(model, probes: int) -> dict[str, Callable]:
-    """Jitted ``estimator(params, batch_stats, batch, key) -> diagonal``, each on the mean loss over ``batch``."""
+    """Jitted ``estimator(params, batch_stats, batch, key) -> diagonal``, each on the mean loss over ``batch``;
+    ``"unlearning-gradient"`` takes the pair ``(Z, Z~)`` as its batch."""
 
     def hessian(params, stats, batch, key):
         del key
@@ -331,56 +305,85 @@ def _estimators(model, probes: int) -> dict[str, Callable]:
         del key
         return curvature.gradient_saliency(models.loss_fn_for(model, stats), params, batch)
 
-    named = {"hessian": hessian, "hutchinson": hutchinson, "gnb": gnb, "fisher": fisher, "gradient": gradient}
+    def unlearning_gradient(params, stats, pair, key):
+        del key
+        old, new = pair
+        difference = unlearn.gradient_difference(models.loss_fn_for(model, stats), params, old, new)
+        return jax.tree.map(jnp.abs, difference)
+
+    named = {
+        "hessian": hessian,
+        "hutchinson": hutchinson,
+        "gnb": gnb,
+        "fisher": fisher,
+        "gradient": gradient,
+        "unlearning-gradient": unlearning_gradient,
+    }
     return {name: jax.jit(fn) for name, fn in named.items()}
 
 
-def _chunks(batch: models.Batch, size: int) -> list[models.Batch]:
-    """Consecutive batches of ``min(size, n)`` rows, in order (a remainder is dropped)."""
-    return list(data.batches(batch, min(size, len(batch.labels)), seed=0, shuffle=False))
+def _stream(fn: Callable, params, stats, batches: list, key) -> tuple[PyTree, float]:
+    """The example-weighted mean of ``fn`` over ``batches`` and its seconds, compilation (every shape) excluded."""
+    shapes = {}
+    for batch in batches:
+        shapes.setdefault(jax.tree.map(np.shape, batch), batch)
+    for batch in shapes.values():
+        jax.block_until_ready(fn(params, stats, batch, key))
+    start = time.perf_counter()
+    diagonal = curvature.accumulate_diagonal(lambda batch, k: fn(params, stats, batch, k), batches, key)
+    return jax.block_until_ready(diagonal), time.perf_counter() - start
 
 
 def _stage_curvature(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
-    setup = _setup(config)
-    state = _restore(workdir, "poisoned", setup, config)
+    setup_ = setup(config)
+    state = restore_model(workdir, "poisoned", config)
     params, stats = state.params, state.batch_stats
-    sample = _subset(setup.scenario.train, config.curvature_samples, config.seed)
-    chunks = _chunks(sample, 64)
-    needed = ["hessian"] + sorted({_ESTIMATOR_OF[s] for s in config.selections if s in _ESTIMATOR_OF} - {"hessian"})
-    estimators = _estimators(setup.model, config.probes)
+    scenario = setup_.scenario
+    training = scenario.train
+    sample = training if config.curvature_samples == 0 else _subset(training, config.curvature_samples, config.seed)
+    chunks = _chunks(sample, _CURVATURE_BATCH)
+    needed = ["hessian"] + sorted({ESTIMATOR_OF[s] for s in config.selections if s in ESTIMATOR_OF} - {"hessian"})
+    estimators = _estimators(setup_.model, config.probes)
+    key = jax.random.key(config.seed)
     diagonals, seconds = {}, {}
     for name in needed:
-        fn = estimators[name]
-        batches = [setup.scenario.poisoned_group] if name == "gradient" else chunks
-        jax.block_until_ready(fn(params, stats, batches[0], jax.random.key(config.seed)))  # compile
-        start = time.perf_counter()
-        diagonals[name] = curvature.accumulate_diagonal(
-            lambda batch, key, fn=fn: fn(params, stats, batch, key), batches, jax.random.key(config.seed)
-        )
-        jax.block_until_ready(diagonals[name])
-        seconds[name] = time.perf_counter() - start
-        log(f"curvature: {name} diagonal on {sum(len(b.labels) for b in batches)} samples in {seconds[name]:.2f} s")
+        if name == "unlearning-gradient":
+            pair = (scenario.poisoned_group, scenario.corrected)
+            diagonals[name], seconds[name] = _median_seconds(
+                estimators[name], (params, stats, pair, key), config.timing_repeats
+            )
+            samples = 2 * scenario.size
+        else:
+            batches = [scenario.poisoned_group] if name == "gradient" else chunks
+            diagonals[name], seconds[name] = _stream(estimators[name], params, stats, batches, key)
+            samples = sum(len(b.labels) for b in batches)
+        log(f"curvature: {name} on {samples} samples in {seconds[name]:.2f} s")
+    if config.curvature_samples == 0:
+        reference, reference_samples = diagonals["hessian"], len(training.labels)
+    else:  # the selection quality is always scored against the whole training loss's diagonal
+        reference, _ = _stream(estimators["hessian"], params, stats, _chunks(training, _CURVATURE_BATCH), key)
+        reference_samples = len(training.labels)
+        log(f"curvature: the whole-data exact diagonal (reference for top-k recall) on {reference_samples} samples")
 
-    grad = jax.jit(jax.grad(lambda p, s, b: models.loss_fn_for(setup.model, s)(p, b)))
-    batch = models.Batch(sample.inputs[: config.batch_size], sample.labels[: config.batch_size])
-    jax.block_until_ready(grad(params, stats, batch))
-    gradient_seconds = float(np.median([_timed(grad, params, stats, batch)[1] for _ in range(5)]))
+    grad = jax.jit(jax.grad(lambda p, s, b: models.loss_fn_for(setup_.model, s)(p, b)))
+    batch = _take(training, np.arange(min(config.batch_size, len(training.labels))))
+    _, gradient_seconds = _median_seconds(grad, (params, stats, batch), 5)
 
-    recall = {
-        name: float(metrics.top_k_recall(diagonals[name], diagonals["hessian"], config.budget))
-        for name in diagonals
-        if name != "gradient"
-    }
-    _save_trees(workdir / "curvature.npz", diagonals)
+    _save_trees(workdir / "curvature.npz", {**diagonals, "reference": reference})
+    flat = np.concatenate([np.ravel(np.asarray(leaf)) for leaf in jax.tree.leaves(reference)])
     record = {
-        "key": _stage_key(config, "curvature"),
+        "key": stage_key(config, "curvature"),
         "samples": len(sample.labels),
+        "reference_samples": reference_samples,
         "seconds": seconds,
         "gradient_seconds": gradient_seconds,
         "gradient_batch": int(len(batch.labels)),
-        "top_k_recall": recall,
+        "zero_share": float(np.mean(flat == 0)),
     }
-    log(f"curvature: one gradient on {len(batch.labels)} samples takes {1e3 * gradient_seconds:.1f} ms")
+    log(
+        f"curvature: one gradient on {len(batch.labels)} samples takes {1e3 * gradient_seconds:.1f} ms; "
+        f"{record['zero_share']:.1%} of the exact diagonal is exactly zero"
+    )
     return record
 
 
@@ -388,54 +391,66 @@ def _stage_curvature(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dic
 # Stage 3: masks at the budget.
 
 
-def _stage_select(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
-    setup = _setup(config)
-    state = _restore(workdir, "poisoned", setup, config)
+def _masks(setup_: Setup, config: RunConfig, state: train.TrainState, diagonals: dict[str, PyTree]):
+    """``make_mask(name) -> mask`` for every selection rule, and the layers the "last-layers" rule draws from."""
     params = state.params
-    diagonals = _load_trees(workdir / "curvature.npz", params)
-    masks, seconds = {}, {}
     top = jax.jit(selection.select_top, static_argnames=("fraction", "largest"))
     random_top = jax.jit(selection.select_random, static_argnames="fraction")
+    logits_fn = models.logits_fn_for(setup_.model, state.batch_stats)
+    inputs = jax.ShapeDtypeStruct(setup_.input_shape, jnp.float32)
+    layers = selection.layers_in_call_order(logits_fn, params, inputs)
+    total = sum(int(np.size(p)) for p in jax.tree.leaves(params))
+    last_layers = selection.last_layers_holding(params, layers, max(1, round(config.budget * total)))
+    inside = selection.select_layers(params, last_layers)
 
     def make_mask(name):
-        if name in _ESTIMATOR_OF:
-            largest = not name.endswith("smallest")
-            return top(diagonals[_ESTIMATOR_OF[name]], fraction=config.budget, largest=largest)
+        hessian = diagonals.get("hessian")
+        if name == "hessian-smallest-nonzero":  # zeros (dead units) would be chosen first, and nothing would move
+            scores = jax.tree.map(lambda d: jnp.where(d != 0, d, jnp.inf), hessian)
+            return top(scores, fraction=config.budget, largest=False)
+        if name == "last-layers":
+            scores = jax.tree.map(lambda d, m: jnp.where(m, d, -jnp.inf), hessian, inside)
+            return top(scores, fraction=config.budget, largest=True)
+        if name in ESTIMATOR_OF:
+            return top(diagonals[ESTIMATOR_OF[name]], fraction=config.budget, largest=not name.endswith("smallest"))
         if name == "random":
             return random_top(params, fraction=config.budget, key=jax.random.key(config.seed))
         if name == "last-layer":
-            logits_fn = models.logits_fn_for(setup.model, state.batch_stats)
-            layer = selection.last_layer(logits_fn, params, jnp.zeros(setup.input_shape, jnp.float32))
-            return selection.select_layers(params, layer)
+            return selection.select_layers(params, layers[-1])
         return jax.tree.map(lambda p: np.ones(p.shape, bool), params)
 
+    return make_mask, last_layers
+
+
+def _stage_select(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
+    setup_ = setup(config)
+    state = restore_model(workdir, "poisoned", config)
+    diagonals = load_trees(workdir / "curvature.npz", state.params)
+    make_mask, last_layers = _masks(setup_, config, state, diagonals)
+    reference_top = selection.select_top(diagonals["reference"], config.budget)
+    reference_count = _tree_count(reference_top)
+    masks, summary = {}, {}
+    total = sum(int(np.size(p)) for p in jax.tree.leaves(state.params))
     for name in config.selections:
-        jax.block_until_ready(make_mask(name))  # compiles; the second call is timed
-        masks[name], seconds[name] = _timed(make_mask, name)
-    _save_trees(workdir / "masks.npz", masks)
-    total = sum(int(np.size(p)) for p in jax.tree.leaves(params))
-    reference = masks.get("hessian-largest")
-
-    def overlap(mask):
-        if reference is None:
-            return None
-        both = sum(
+        masks[name], seconds = _median_seconds(make_mask, (name,), config.timing_repeats)
+        found = sum(
             int(np.sum(np.asarray(a) & np.asarray(b)))
-            for a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(reference), strict=True)
+            for a, b in zip(jax.tree.leaves(masks[name]), jax.tree.leaves(reference_top), strict=True)
         )
-        return both / max(1, sum(int(np.sum(r)) for r in jax.tree.leaves(reference)))
-
-    summary = {
-        name: {
-            "selected": int(sum(int(np.sum(m)) for m in jax.tree.leaves(mask))),
-            "fraction": sum(int(np.sum(m)) for m in jax.tree.leaves(mask)) / total,
-            "overlap_with_hessian_largest": overlap(mask),
-            "seconds": seconds[name],
+        selected = _tree_count(masks[name])
+        summary[name] = {
+            "selected": selected,
+            "fraction": selected / total,
+            "top_k_recall": found / reference_count,  # share of the whole-data Hessian's top entries it holds
+            "seconds": seconds,
         }
-        for name, mask in masks.items()
-    }
+    summary.get("last-layers", {})["layers"] = last_layers
+    if any(entry["selected"] == 0 for entry in summary.values()):
+        empty = [name for name, entry in summary.items() if entry["selected"] == 0]
+        raise ValueError(f"--budget {config.budget:g} selects no parameter for {', '.join(empty)}; raise it.")
+    _save_trees(workdir / "masks.npz", masks)
     log(f"select: {len(masks)} masks over {total:,} parameters at budget {config.budget:g}")
-    return {"key": _stage_key(config, "select"), "num_params": total, "masks": summary}
+    return {"key": stage_key(config, "select"), "num_params": total, "masks": summary}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -446,40 +461,39 @@ def _method_name(selection_name: str, update: str) -> str:
     return f"{selection_name}/{update}"
 
 
-def _methods(config: RunConfig) -> list[tuple[str, str]]:
-    pairs = []
-    for update in config.updates:
-        names = [s for s in config.selections if update != "cg" or s in config.cg_selections]
-        pairs += [(s, update) for s in names]
-    return pairs
-
-
 def _scalars_to_python(tree: dict) -> dict:
     return {k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v) for k, v in tree.items()}
 
 
-def _update_functions(setup: _Setup, config: RunConfig, num_train: int) -> dict[str, Callable]:
-    model = setup.model
+def one_step_updates(setup_: Setup, num_train: int) -> dict[str, Callable]:
+    """Jitted first-order and diagonal-Newton updates; the step size and the damping are traced arguments, so one
+    compilation serves every selection rule's tuned value."""
+    model = setup_.model
 
-    def first_order(params, stats, old, new, mask, curvature_diag, hessian_batches):
-        del curvature_diag, hessian_batches
-        return unlearn.first_order_update(models.loss_fn_for(model, stats), params, old, new, tau=config.tau, mask=mask)
+    def first_order(params, stats, old, new, mask, tau):
+        loss_fn = models.loss_fn_for(model, stats)
+        return unlearn.first_order_update(loss_fn, params, old, new, tau=tau, mask=mask)
 
-    def diagonal_newton(params, stats, old, new, mask, curvature_diag, hessian_batches):
-        del hessian_batches
+    def diagonal_newton(params, stats, old, new, mask, diagonal, damping):
+        loss_fn = models.loss_fn_for(model, stats)
         return unlearn.diagonal_newton_update(
-            models.loss_fn_for(model, stats),
-            params,
-            old,
-            new,
-            curvature_diag,
-            num_train=num_train,
-            mask=mask,
-            damping=config.damping,
+            loss_fn, params, old, new, diagonal, num_train=num_train, mask=mask, damping=damping
         )
 
-    def cg(params, stats, old, new, mask, curvature_diag, hessian_batches):
-        del curvature_diag
+    return {"first-order": jax.jit(first_order), "diagonal-newton": jax.jit(diagonal_newton)}
+
+
+def hessian_batches(setup_: Setup, config: RunConfig) -> models.Batch:
+    """The stacked [K, 64, ...] training batches CG takes its Hessian-vector products on."""
+    sample = _subset(setup_.scenario.train, config.hessian_samples, config.seed + 1)
+    return unlearn.stack_batches(list(data.batches(sample, min(64, len(sample.labels)), seed=0, shuffle=False)))
+
+
+@functools.lru_cache(maxsize=8)
+def cg_update(model, num_train: int, damping: float, iterations: int) -> Callable:
+    """The jitted masked CG update ``(params, stats, old, new, mask, hessian_batches) -> (params, diagnostics)``."""
+
+    def cg(params, stats, old, new, mask, hessian_batches):
         return unlearn.second_order_update(
             models.loss_fn_for(model, stats),
             params,
@@ -488,86 +502,123 @@ def _update_functions(setup: _Setup, config: RunConfig, num_train: int) -> dict[
             hessian_batches,
             num_train=num_train,
             mask=mask,
-            damping=config.damping,
-            max_iterations=config.cg_iterations,
+            damping=damping,
+            max_iterations=iterations,
             tol=1e-3,
         )
 
-    return {"first-order": jax.jit(first_order), "diagonal-newton": jax.jit(diagonal_newton), "cg": jax.jit(cg)}
+    return jax.jit(cg)
 
 
-# The settings each update depends on, so that adding an update or a selection keeps the finished ones.
-_UPDATE_FIELDS = {
-    "first-order": ("tau",),
-    "diagonal-newton": ("damping",),
-    "finetune": ("finetune_steps", "finetune_lr", "batch_size"),
-    "cg": ("damping", "cg_iterations", "hessian_samples"),
-}
+@functools.lru_cache(maxsize=8)
+def _adam(learning_rate: float) -> optax.GradientTransformation:
+    return optax.adam(learning_rate)  # one object per rate, so one compiled step serves every mask
 
 
-def _method_key(config: RunConfig, update: str) -> str:
-    fields = {field: getattr(config, field) for field in _UPDATE_FIELDS[update]}
-    text = json.dumps([_stage_key(config, "select"), update, fields], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+class Finetuning:
+    """The data of the fine-tuning variants: Z~ in order with its remainder, retained batches, Z for ascent."""
+
+    def __init__(self, setup_: Setup, config: RunConfig):
+        scenario = setup_.scenario
+        self.batch = min(config.batch_size, scenario.size)
+        self.new = _chunks(scenario.corrected, self.batch)
+        self.old = _chunks(scenario.poisoned_group, self.batch)
+        retained = np.setdiff1d(np.arange(len(scenario.train.labels)), scenario.group)
+        self.retain_data = _take(scenario.train, retained)
+        self.seed = config.seed
+        self.compiled: set = set()
+
+    def run(self, state, update: str, mask, values: dict):
+        steps = values["finetune_steps"]
+        retain = None
+        if update != "finetune-corrected":
+            epochs = -(-steps * self.batch // len(self.retain_data.labels))
+            stream = data.batches(self.retain_data, self.batch, seed=self.seed, epochs=epochs)
+            retain = [b for b, _ in zip(stream, range(steps), strict=False)]
+        ascent = values.get("ascent_weight", 0.0) if update == "finetune-ascent" else 0.0
+
+        def go(count):
+            return unlearn.finetune_unlearn(
+                state,
+                self.new,
+                retain,
+                tx=_adam(values["finetune_lr"]),
+                mask=mask,
+                steps=count,
+                old_batches=self.old if ascent > 0 else None,
+                ascent_weight=ascent,
+            )
+
+        signature = (update, values["finetune_lr"], ascent)
+        if signature not in self.compiled:  # every batch shape once: Z~'s remainder batch is smaller
+            jax.block_until_ready(go(len(self.new))[0].params)
+            self.compiled.add(signature)
+        seen = {"corrected": sum(len(self.new[i % len(self.new)].labels) for i in range(steps))}
+        if retain is not None:
+            seen["retained"] = steps * self.batch
+        if ascent > 0:
+            seen["ascent"] = sum(len(self.old[i % len(self.old)].labels) for i in range(steps))
+        return go, steps, {"data": FINETUNE_UPDATES[update], "samples_seen": seen}
 
 
 def _stage_unlearn(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
-    setup = _setup(config)
-    state = _restore(workdir, "poisoned", setup, config)
+    setup_ = setup(config)
+    state = restore_model(workdir, "poisoned", config)
     params, stats = state.params, state.batch_stats
-    masks = _load_trees(workdir / "masks.npz", params)
-    hessian = _load_trees(workdir / "curvature.npz", params)["hessian"]
-    scenario = setup.scenario
+    masks = load_trees(workdir / "masks.npz", params)
+    hessian = load_trees(workdir / "curvature.npz", params)["hessian"]
+    scenario = setup_.scenario
     old, new = scenario.poisoned_group, scenario.corrected
     num_train = len(scenario.train.labels)
-    functions = _update_functions(setup, config, num_train)
-    batch = min(config.batch_size, scenario.size)
-    hessian_sample = _subset(scenario.train, config.hessian_samples, config.seed + 1)
-    hessian_batches = unlearn.stack_batches(_chunks(hessian_sample, 64))
-    retained = np.setdiff1d(np.arange(num_train), scenario.group)
-    retain_data = models.Batch(scenario.train.inputs[retained], scenario.train.labels[retained])
-    retain_batches = list(data.batches(retain_data, batch, seed=config.seed, epochs=1))[: config.finetune_steps]
-    new_batches = _chunks(new, batch)
-    finetune_tx = optax.adam(config.finetune_lr)  # one object, so one compiled step serves every mask
-    key = _stage_key(config, "unlearn")
+    one_step = one_step_updates(setup_, num_train)
+    finetuning = Finetuning(setup_, config)
+    stacked = hessian_batches(setup_, config) if "cg" in config.updates else None
+    key = stage_key(config, "unlearn")
     (workdir / "unlearned").mkdir(exist_ok=True)
-    compiled, record = set(), {"key": key, "methods": {}}
-    for selection_name, update in _methods(config):
+    record = {"key": key, "methods": {}}
+    for selection_name, update in methods(config):
         name = _method_name(selection_name, update)
         path = workdir / "unlearned" / f"{selection_name}--{update}"
-        method_key = _method_key(config, update)
-        done = _current_record(path.with_suffix(".json"), method_key)
+        this_key = method_key(config, selection_name, update)
+        done = _current_record(path.with_suffix(".json"), this_key)
         if done is not None:
             record["methods"][name] = done
             continue
         mask = masks[selection_name]
-        if update == "finetune":
-            run = lambda steps, mask=mask: unlearn.finetune_unlearn(  # noqa: E731
-                state, new_batches, retain_batches, tx=finetune_tx, mask=mask, steps=steps
-            )
-            if update not in compiled:
-                jax.block_until_ready(run(1)[0].params)
-            start = time.perf_counter()
-            final, info = run(config.finetune_steps)
-            new_params = jax.block_until_ready(final.params)
+        values = hyperparameters(config, update, selection_name)
+        extra = {}
+        if update in FINETUNE_UPDATES:
+            go, steps, extra = finetuning.run(state, update, mask, values)
+            (final, info), seconds = _median_seconds(go, (steps,), config.timing_repeats)
+            new_params = final.params
             info = {k: v for k, v in info.items() if k != "loss"}
+        elif update == "cg":
+            fn = cg_update(setup_.model, num_train, float(values["cg_damping"]), config.cg_iterations)
+            (new_params, info), seconds = _median_seconds(
+                fn, (params, stats, old, new, mask, stacked), config.timing_repeats
+            )
+        elif update == "first-order":
+            args = (params, stats, old, new, mask, jnp.float32(values["tau"]))
+            (new_params, info), seconds = _median_seconds(one_step[update], args, config.timing_repeats)
         else:
-            args = (params, stats, old, new, mask, hessian, hessian_batches)
-            if update not in compiled:
-                jax.block_until_ready(functions[update](*args))
-            start = time.perf_counter()
-            new_params, info = jax.block_until_ready(functions[update](*args))
-        seconds = time.perf_counter() - start
-        compiled.add(update)
+            args = (params, stats, old, new, mask, hessian, jnp.float32(values["damping"]))
+            (new_params, info), seconds = _median_seconds(one_step[update], args, config.timing_repeats)
+        if not all(bool(np.all(np.isfinite(np.asarray(leaf)))) for leaf in jax.tree.leaves(new_params)):
+            raise ValueError(
+                f"{name} produced non-finite parameters with {values}; lower the step size (--tau, --finetune-lr) "
+                f"or raise the damping."
+            )
         _save_trees(path.with_suffix(".npz"), {"params": new_params})
         entry = {
-            "key": method_key,
+            "key": this_key,
             "seconds": seconds,
+            "hyperparameters": values,
             "diagnostics": _scalars_to_python({k: np.asarray(v) for k, v in info.items()}),
+            **extra,
         }
         write_json_atomic(path.with_suffix(".json"), entry)
         record["methods"][name] = entry
-        log(f"unlearn: {name:<34} {seconds:7.3f} s")
+        log(f"unlearn: {name:<42} {seconds:7.3f} s")
     return record
 
 
@@ -575,12 +626,12 @@ def _stage_unlearn(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
 # Stage 5: score every model against the poisoned one and the retrained reference.
 
 
-def _predictions(setup: _Setup, config: RunConfig):
-    """Jitted ``(params, stats, inputs, labels) -> (predicted classes, per-sample losses)``."""
+def _predictions(setup_: Setup):
+    """``(params, stats, batch) -> (predicted classes, per-sample losses)``, jitted, in chunks of 500."""
 
     @jax.jit
     def predict(params, stats, inputs, labels):
-        logits = models.logits_fn_for(setup.model, stats)(params, inputs)
+        logits = models.logits_fn_for(setup_.model, stats)(params, inputs)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return jnp.argmax(logits, -1), losses
 
@@ -594,43 +645,53 @@ def _predictions(setup: _Setup, config: RunConfig):
     return run
 
 
+def _selection_cost(name: str, update: str, curvature_record: dict, select_record: dict) -> float:
+    """Seconds of the curvature a method needs (its selection's estimate, plus the exact diagonal for diagonal
+    Newton when the selection ranks by another), and of the selection itself."""
+    seconds = curvature_record["seconds"]
+    estimates = {ESTIMATOR_OF[name]} if name in ESTIMATOR_OF else set()
+    if update == "diagonal-newton":
+        estimates.add("hessian")
+    return sum(seconds[e] for e in estimates) + select_record["masks"][name]["seconds"]
+
+
 def _stage_evaluate(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
-    setup = _setup(config)
-    scenario = setup.scenario
-    poisoned = _restore(workdir, "poisoned", setup, config)
-    retrained = _restore(workdir, "retrained", setup, config)
+    setup_ = setup(config)
+    scenario = setup_.scenario
+    poisoned = restore_model(workdir, "poisoned", config)
+    retrained = restore_model(workdir, "retrained", config)
     curvature_record = _require(workdir, "curvature", config)
     select_record = _require(workdir, "select", config)
     unlearn_record = _require(workdir, "unlearn", config)
-    predict = _predictions(setup, config)
-    twin_probe = _subset(setup.twin, 256, config.seed)
-    non_members = _subset(setup.twin, scenario.size, config.seed + 2)
-    group_batches = _chunks(scenario.poisoned_group, config.batch_size)
+    predict = _predictions(setup_)
+    group = scenario.poisoned_group
+    group_batches = _chunks(group, config.batch_size)
     relearn_step = jax.jit(train.train_step)
     reference = {
-        "test": predict(retrained.params, retrained.batch_stats, setup.test)[0],
-        "group": predict(retrained.params, retrained.batch_stats, scenario.poisoned_group)[0],
+        "test": predict(retrained.params, retrained.batch_stats, setup_.test)[0],
+        "group": predict(retrained.params, retrained.batch_stats, group)[0],
     }
+    # Relearning: steps on Z (its poisoned labels) until Z is fit as well as the poisoned model fits it.
+    poisoned_fit = metrics.accuracy(predict(poisoned.params, poisoned.batch_stats, group)[0], group.labels)
 
-    def score(params) -> dict:
-        stats = poisoned.batch_stats
-        test_pred, _ = predict(params, stats, setup.test)
-        twin_pred, _ = predict(params, stats, setup.twin)
+    def score(params, stats) -> dict:
+        test_pred, _ = predict(params, stats, setup_.test)
+        attack_pred, _ = predict(params, stats, setup_.attack)
         fixed_pred, _ = predict(params, stats, scenario.corrected)
-        group_pred, member_losses = predict(params, stats, scenario.poisoned_group)
-        _, outsider_losses = predict(params, stats, non_members)
-        state = poisoned.replace(params=params, opt_state=poisoned.tx.init(params))
+        group_pred, member_losses = predict(params, stats, group)
+        _, outsider_losses = predict(params, stats, setup_.non_members)
+        state = poisoned.replace(params=params, batch_stats=stats, opt_state=poisoned.tx.init(params))
         relearn = metrics.relearning_steps(
             relearn_step,
             state,
             group_batches,
-            lambda s: metrics.accuracy(predict(s.params, stats, twin_probe)[0], twin_probe.labels),
-            threshold=0.5,
+            lambda s: metrics.accuracy(predict(s.params, s.batch_stats, group)[0], group.labels),
+            threshold=poisoned_fit,
             max_steps=config.relearn_steps,
         )
         return {
-            "test_accuracy": metrics.accuracy(test_pred, setup.test.labels),
-            "attack_success": metrics.accuracy(twin_pred, setup.twin.labels),
+            "test_accuracy": metrics.accuracy(test_pred, setup_.test.labels),
+            "attack_success": metrics.accuracy(attack_pred, setup_.attack.labels),
             "group_accuracy": metrics.accuracy(fixed_pred, scenario.corrected.labels),
             "fidelity_test": metrics.fidelity(test_pred, reference["test"]),
             "fidelity_group": metrics.fidelity(group_pred, reference["group"]),
@@ -639,8 +700,7 @@ def _stage_evaluate(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict
         }
 
     rows = []
-    baseline = {"poisoned": score(poisoned.params), "retrained": score(retrained.params)}
-    for name, scores in baseline.items():
+    for name, model in (("poisoned", poisoned), ("retrained", retrained)):
         rows.append(
             {
                 "method": name,
@@ -649,36 +709,41 @@ def _stage_evaluate(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict
                 "fraction": 0.0 if name == "poisoned" else 1.0,
                 "seconds": None,
                 "gradient_equivalents": None,
-                **scores,
+                **score(model.params, model.batch_stats),
             }
         )
     gradient_seconds = curvature_record["gradient_seconds"]
-    for selection_name, update in _methods(config):
+    for selection_name, update in methods(config):
         name = _method_name(selection_name, update)
-        params = _load_trees(workdir / "unlearned" / f"{selection_name}--{update}.npz", poisoned.params)["params"]
+        params = load_trees(workdir / "unlearned" / f"{selection_name}--{update}.npz", poisoned.params)["params"]
         entry = unlearn_record["methods"][name]
-        selection_seconds = curvature_record["seconds"].get(_ESTIMATOR_OF.get(selection_name, ""), 0.0)
-        if update == "diagonal-newton":  # it uses the exact Hessian diagonal whatever the selection
-            selection_seconds = max(selection_seconds, curvature_record["seconds"]["hessian"])
-        seconds = entry["seconds"] + selection_seconds + select_record["masks"][selection_name]["seconds"]
+        seconds = entry["seconds"] + _selection_cost(selection_name, update, curvature_record, select_record)
+        mask_record = select_record["masks"][selection_name]
+        diagnostics = entry["diagnostics"]
         rows.append(
             {
                 "method": name,
                 "selection": selection_name,
                 "update": update,
-                "fraction": select_record["masks"][selection_name]["fraction"],
+                "fraction": mask_record["fraction"],
+                "top_k_recall": mask_record["top_k_recall"],
                 "seconds": seconds,
                 "gradient_equivalents": seconds / gradient_seconds,
-                "converged": entry["diagnostics"].get("converged"),
-                **score(params),
+                "update_norm": diagnostics.get("update_norm"),
+                "converged": diagnostics.get("converged"),
+                "residual": diagnostics.get("residual"),
+                "curvature_share": diagnostics.get("curvature_share"),
+                "hyperparameters": entry["hyperparameters"],
+                **({"data": entry["data"], "samples_seen": entry["samples_seen"]} if "data" in entry else {}),
+                **score(params, poisoned.batch_stats),  # no update moves the batch-norm statistics
             }
         )
         log(f"evaluate: {name}")
-    clean_accuracy, poisoned_accuracy = baseline["retrained"]["test_accuracy"], baseline["poisoned"]["test_accuracy"]
+    clean_accuracy, poisoned_accuracy = rows[1]["test_accuracy"], rows[0]["test_accuracy"]
     for row in rows:
         restored = metrics.accuracy_restored(row["test_accuracy"], poisoned_accuracy, clean_accuracy)
         row["accuracy_restored"] = None if np.isnan(restored) else restored  # nan: poisoning cost no accuracy
-    return {"key": _stage_key(config, "evaluate"), "rows": rows}
+    return {"key": stage_key(config, "evaluate"), "rows": rows, "relearn_threshold": poisoned_fit}
 
 
 _STAGE_FUNCTIONS = {
@@ -707,6 +772,7 @@ def run_stage(stage: str, config: RunConfig, workdir: str | os.PathLike, *, quie
     if record is not None:
         log(f"{stage}: finished earlier with these settings (reusing {_record_path(workdir, stage)})")
         return record
+    setup(config)  # bad data or sizes fail here, before anything is written
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     record = _STAGE_FUNCTIONS[stage](workdir, config, log)

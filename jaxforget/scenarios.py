@@ -34,6 +34,7 @@ __all__ = [
     "Scenario",
     "LABEL_FLIP_MODES",
     "TRIGGER_LOCATIONS",
+    "BACKDOOR_CORRECTIONS",
     "label_flip",
     "backdoor",
     "stamp_trigger",
@@ -43,6 +44,7 @@ __all__ = [
 
 LABEL_FLIP_MODES = ("shift", "random", "pair", "target")
 TRIGGER_LOCATIONS = ("bottom_right", "bottom_left", "top_right", "top_left")
+BACKDOOR_CORRECTIONS = ("remove-trigger", "relabel")
 
 
 def _take(data: Batch, index: np.ndarray) -> Batch:
@@ -313,12 +315,21 @@ def backdoor(
     patch_value: float = 1.0,
     location: str | tuple[int, int] = "bottom_right",
     num_classes: int | None = None,
+    correction: str = "remove-trigger",
 ) -> Scenario:
     """Backdoor poisoning: ``n`` samples from classes other than ``target_class`` get a trigger patch (see
     :func:`stamp_trigger`) and the label ``target_class``.
 
-    Z~ is the same samples without the trigger and with their true labels, so ``scenario.clean`` equals ``data``.
-    The trigger's settings are kept in ``scenario.params`` for :func:`triggered_test_set`.
+    What Z~ is, is a choice (``correction``), and it decides whether unlearning can work:
+
+    - ``"remove-trigger"``: the same samples without the trigger and with their true labels, so ``scenario.clean``
+      equals ``data``. The poisoned model already fits these clean images, so the gradient difference between Z~ and
+      Z says little about the trigger.
+    - ``"relabel"``: the triggered images with their true labels: the corrected data says "this patch does not mean
+      ``target_class``", and the retrained reference learns to ignore the patch.
+
+    Either way the retrained reference never learns the backdoor. The trigger's settings are kept in
+    ``scenario.params`` for :func:`triggered_test_set`.
 
     Args:
       data: ``Batch(inputs [N, H, W, C], labels [N] int)``, numpy or jax arrays; the result holds numpy copies.
@@ -329,6 +340,7 @@ def backdoor(
       patch_value: the trigger's pixel value.
       location: a corner in ``TRIGGER_LOCATIONS``, or the (row, col) of the patch's top-left pixel.
       num_classes: C, for checking ``target_class``; defaults to ``max(labels) + 1``.
+      correction: ``"remove-trigger"`` or ``"relabel"`` (see above).
 
     Returns:
       A ``Scenario`` named ``"backdoor"``.
@@ -338,6 +350,8 @@ def backdoor(
     _patch_origin(inputs.shape[1:], patch_size, location)
     classes = _num_classes(labels, num_classes)
     _check_class("target_class", target_class, classes)
+    if correction not in BACKDOOR_CORRECTIONS:
+        raise ValueError(f"correction={correction!r} is unknown; choose one of {BACKDOOR_CORRECTIONS}.")
     eligible = np.flatnonzero(labels != target_class)
     _check_n(n, eligible.size, f"labels other than {target_class}")
 
@@ -347,8 +361,16 @@ def backdoor(
     train = Batch(np.array(inputs, copy=True), labels.copy())
     train.inputs[group] = stamp_trigger(inputs[group], **trigger)
     train.labels[group] = target_class
-    corrected = Batch(inputs[group], labels[group])
-    params = {"n": int(n), "seed": int(seed), "target_class": int(target_class), "num_classes": classes, **trigger}
+    corrected_inputs = inputs[group] if correction == "remove-trigger" else train.inputs[group]
+    corrected = Batch(corrected_inputs, labels[group])
+    params = {
+        "n": int(n),
+        "seed": int(seed),
+        "target_class": int(target_class),
+        "num_classes": classes,
+        "correction": correction,
+        **trigger,
+    }
     return Scenario("backdoor", train, group, corrected, params)
 
 

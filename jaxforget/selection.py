@@ -44,6 +44,8 @@ __all__ = [
     "select_random",
     "select_layers",
     "last_layer",
+    "layers_in_call_order",
+    "last_layers_holding",
     "mask_summary",
     "check_mask",
 ]
@@ -340,9 +342,12 @@ def select_layers(params: PyTree, names: str | Sequence[str]) -> PyTree:
     )
 
 
-def last_layer(logits_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree, inputs: jax.Array) -> str:
-    """The path of the model's last layer: the module holding parameters of its own that finishes last when
-    ``logits_fn`` runs, e.g. ``"Dense_1"`` for :class:`jaxforget.models.CNN`. Pass it to :func:`select_layers`.
+def layers_in_call_order(
+    logits_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree, inputs: jax.Array
+) -> list[str]:
+    """The paths of the modules holding parameters of their own, in the order they finish when ``logits_fn`` runs
+    (a module called several times is placed at its last call), e.g. ``["Conv_0", "Conv_1", "Dense_0", "Dense_1"]``
+    for :class:`jaxforget.models.CNN`.
 
     It traces ``logits_fn(params, inputs)`` with ``jax.eval_shape`` (no compute). Call order, not the order of the
     keys in ``params``, decides: ``jax.tree.map`` and checkpoint restores sort dict keys, so ``"Dense_10"`` would
@@ -376,7 +381,45 @@ def last_layer(logits_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTr
             "logits_fn ran no Flax submodule that holds parameters; name the layer yourself for select_layers, "
             f"one of {_leaf_names(params)}."
         )
-    return finished[-1]
+    last_call = {name: i for i, name in enumerate(finished)}
+    return sorted(last_call, key=last_call.__getitem__)
+
+
+def last_layer(logits_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree, inputs: jax.Array) -> str:
+    """The path of the model's last layer (the last of :func:`layers_in_call_order`), e.g. ``"Dense_1"`` for
+    :class:`jaxforget.models.CNN`. Pass it to :func:`select_layers`.
+
+    Raises:
+      ValueError: if no Flax submodule holding parameters runs inside ``logits_fn``.
+    """
+    return layers_in_call_order(logits_fn, params, inputs)[-1]
+
+
+def last_layers_holding(params: PyTree, layers: Sequence[str], count: int) -> list[str]:
+    """The shortest suffix of ``layers`` (in call order) whose parameters number at least ``count``: the last layers
+    that can hold a budget of ``count`` entries, for a "last layers" baseline at the same budget as a global rule.
+
+    Args:
+      params: the parameter pytree.
+      layers: module paths in call order, e.g. from :func:`layers_in_call_order`.
+      count: the number of entries the layers must hold (at least 1).
+
+    Returns:
+      The suffix of ``layers``, in call order (all of them if even all together hold fewer than ``count``).
+    """
+    if count < 1:
+        raise ValueError(f"count={count} must be at least 1.")
+    sizes = {}
+    for name, leaf in zip(_leaf_names(params), jax.tree.leaves(params), strict=True):
+        for layer in layers:
+            if name == layer or name.startswith(layer + "/"):
+                sizes[layer] = sizes.get(layer, 0) + int(np.size(leaf))
+    held = 0
+    for start in range(len(layers) - 1, -1, -1):
+        held += sizes.get(layers[start], 0)
+        if held >= count:
+            return list(layers[start:])
+    return list(layers)
 
 
 def mask_summary(mask: PyTree) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -106,8 +107,14 @@ def _check_nonnegative(value: float, name: str) -> None:
 
 
 def _check_positive_number(value: float, name: str) -> None:
-    if not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{name}={value!r} must be a positive number.")
+    """A positive Python number, or a scalar jax array: traced (so that one compilation serves every value, which
+    the caller then checks) or concrete and positive."""
+    if isinstance(value, jax.Array) and jnp.ndim(value) == 0 and jnp.issubdtype(value.dtype, jnp.floating):
+        if isinstance(value, jax.core.Tracer) or value > 0:
+            return
+    elif isinstance(value, int | float) and value > 0 and math.isfinite(value):
+        return
+    raise ValueError(f"{name}={value!r} must be a positive, finite number.")
 
 
 def _check_hessian_batches(hessian_batches: PyTree, old_batch: PyTree) -> tuple[int, int]:
@@ -506,7 +513,9 @@ def diagonal_newton_update(
       damping: λ > 0, added to the diagonal.
 
     Returns:
-      ``(new_params, diagnostics)`` with ``update_norm``, ``gradient_evals`` (2) and ``hvp_evals`` (0).
+      ``(new_params, diagnostics)`` with ``update_norm``, ``gradient_evals`` (2), ``hvp_evals`` (0) and
+      ``curvature_share``: the share of the masked entries whose step the curvature shrinks by more than 10%
+      against ḡ / λ (max(d, 0) > λ / 9). Near 0 the update is a first-order step of size 1 / (N λ) in disguise.
     """
     n = _check_group(old_batch, new_batch)
     check_tree_matches(curvature, params, "curvature")
@@ -516,10 +525,13 @@ def diagonal_newton_update(
     g = _gradient_difference(loss_fn, params, old_batch, new_batch, n)
     step = jax.tree.map(lambda gi, d: gi / num_train / (jnp.maximum(d, 0) + damping), g, curvature)
     new_params = _apply_step(params, step, mask)
+    shaped = jax.tree.map(lambda d, m: jnp.sum(m & (d > damping / 9)), curvature, mask)
+    selected = sum(jnp.sum(m) for m in jax.tree.leaves(mask))
     return new_params, {
         "update_norm": otu.tree_norm(otu.tree_sub(new_params, params)),
         "gradient_evals": jnp.asarray(2),
         "hvp_evals": jnp.asarray(0),
+        "curvature_share": sum(jax.tree.leaves(shaped)) / jnp.maximum(selected, 1),
     }
 
 

@@ -143,6 +143,22 @@ def test_backdoor_stamps_the_group_and_relabels_it(digits):
     assert np.mean(z_tilde.inputs[:, region] != 1.0) > 0.9
 
 
+def test_backdoor_relabel_correction_keeps_the_trigger_and_restores_the_labels(digits):
+    removed = backdoor(digits, 50, seed=1, target_class=2)
+    relabelled = backdoor(digits, 50, seed=1, target_class=2, correction="relabel")
+    assert relabelled.params["correction"] == "relabel" and removed.params["correction"] == "remove-trigger"
+    assert_batches_identical(relabelled.train, removed.train)  # the same poisoned data either way
+    np.testing.assert_array_equal(relabelled.corrected.labels, removed.corrected.labels)
+    np.testing.assert_array_equal(relabelled.corrected.inputs, relabelled.poisoned_group.inputs)  # trigger kept
+    assert not np.array_equal(relabelled.corrected.inputs, removed.corrected.inputs)
+    # The retrained reference sees the triggered images with their true labels: the patch never means the target.
+    clean = relabelled.clean
+    assert np.all(clean.labels[relabelled.group] != 2)
+    np.testing.assert_array_equal(clean.inputs[relabelled.group], relabelled.poisoned_group.inputs)
+    with pytest.raises(ValueError, match="correction='erase'"):
+        backdoor(digits, 50, seed=1, correction="erase")
+
+
 @pytest.mark.parametrize(
     "location, rows, cols",
     [

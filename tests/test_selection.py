@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 
 import jaxforget as jf
 from jaxforget import selection
-from jaxforget.selection import last_layer, mask_summary, select_layers, select_random, select_top
+from jaxforget.selection import (
+    last_layer,
+    last_layers_holding,
+    layers_in_call_order,
+    mask_summary,
+    select_layers,
+    select_random,
+    select_top,
+)
 
 # One jitted function each, so that repeated shapes and static arguments reuse the compiled program.
 top = jax.jit(select_top, static_argnames=("fraction", "largest", "per_layer", "magnitude"))
@@ -229,6 +237,20 @@ def test_last_layer_is_the_last_module_with_parameters_to_run(model, input_shape
     name = last_layer(jf.logits_fn_for(model, variables.get("batch_stats")), params, inputs)
     assert name == expected
     assert mask_summary(select_layers(params, name))["selected"] == sum(x.size for x in jax.tree.leaves(params[name]))
+
+
+def test_layers_in_call_order_and_the_last_layers_that_hold_a_budget():
+    model = jf.CNN()
+    variables = zero_variables(model, (1, 28, 28, 1))
+    params = jax.tree.map(lambda a: a, variables["params"])
+    layers = layers_in_call_order(jf.logits_fn_for(model), params, jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32))
+    assert layers == ["Conv_0", "Conv_1", "Dense_0", "Dense_1"]
+    last = sum(x.size for x in jax.tree.leaves(params["Dense_1"]))  # 1,290: 0.31% of the CNN
+    assert last_layers_holding(params, layers, last) == ["Dense_1"]
+    assert last_layers_holding(params, layers, last + 1) == ["Dense_0", "Dense_1"]
+    assert last_layers_holding(params, layers, 10**9) == layers
+    with pytest.raises(ValueError, match="count=0"):
+        last_layers_holding(params, layers, 0)
 
 
 def test_last_layer_needs_a_flax_model():

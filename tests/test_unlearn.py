@@ -195,6 +195,25 @@ def test_diagonal_newton_equals_second_order_on_a_diagonal_hessian():
         assert not np.array_equal(ravel(diagonal), ravel(params))
 
 
+def test_diagonal_newton_reports_where_the_curvature_changes_the_step():
+    params = {"w": jnp.zeros(10)}
+    curvature = {"w": jnp.asarray([0.0, 0.05, 0.1, 0.2, 1.0, 5.0, -3.0, 0.12, 0.11, 0.3])}
+
+    def loss_fn(p, batch):
+        return -jnp.mean(batch.inputs @ p["w"]) + 0.0 * jnp.sum(batch.labels)
+
+    old = jf.Batch(jnp.zeros((2, 10)), jnp.zeros(2, int))
+    new = jf.Batch(jnp.ones((2, 10)), jnp.zeros(2, int))
+    # damping 1: the step shrinks by more than 10% where d > 1/9 = 0.111...: at 0.2, 1.0, 5.0, 0.12 and 0.3.
+    _, info = unlearn.diagonal_newton_update(loss_fn, params, old, new, curvature, num_train=4, damping=1.0)
+    assert float(info["curvature_share"]) == pytest.approx(0.5)
+    mask = {"w": jnp.arange(10) < 4}  # 0.0, 0.05, 0.1, 0.2: one of four
+    _, info = unlearn.diagonal_newton_update(loss_fn, params, old, new, curvature, num_train=4, mask=mask, damping=1.0)
+    assert float(info["curvature_share"]) == pytest.approx(0.25)
+    _, info = unlearn.diagonal_newton_update(loss_fn, params, old, new, curvature, num_train=4, damping=1e-3)
+    assert float(info["curvature_share"]) == pytest.approx(0.8)  # all but the zero and the negative entry
+
+
 def test_cg_on_negative_curvature_stops_warns_and_stays_finite():
     def loss_fn(p, batch):  # Hessian diag(1, −2): indefinite
         return 0.5 * (p[0] ** 2 - 2 * p[1] ** 2) - jnp.mean(batch.inputs @ p)

@@ -1,0 +1,88 @@
+"""Where do the selection rules separate? The main job over a range of budgets or group sizes, one plot each.
+
+Each value runs ``jaxforget run`` with the tuned defaults (tuned at a budget of 1% and a group of 200; the sweep does
+not re-tune) over the given seeds, writes that run's results folder under ``--out/<value>``, and then one
+``summary.json`` and ``sweep.png`` with the mean and 95% interval of each rule's scores against the swept value.
+
+    python experiments/sweep.py budget --values 0.0005,0.001,0.003,0.01,0.1 --seeds 0,1,2   # ~15 min, 2 CPU cores
+    python experiments/sweep.py group-size --values 200,500,1000 --seeds 0,1,2                # ~15 min, 2 CPU cores
+
+Budgets reuse the trained models and the curvature of ``--workdir``; each group size trains its own models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+from jaxforget import cli
+from jaxforget.atomic import open_atomic, write_json_atomic
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PANELS = (("group_accuracy", "accuracy on Z~"), ("test_accuracy", "test accuracy"), ("mia_auc", "MIA AUC on Z"))
+
+
+def _plot(summary: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = summary["values"]
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 4.5))
+    for ax, (key, label) in zip(axes, PANELS, strict=True):
+        for method, series in summary["methods"].items():
+            means = [point[key] for point in series]
+            errors = [point[f"{key}_ci"] or 0.0 for point in series]
+            ax.errorbar(values, means, yerr=errors, marker="o", capsize=3, label=method.split("/")[0])
+        for name, style in (("poisoned", "--"), ("retrained", ":")):
+            ax.plot(values, [point[key] for point in summary["baselines"][name]], "k" + style, label=name)
+        ax.set_xscale("log" if summary["parameter"] == "budget" else "linear")
+        ax.set_xlabel(summary["parameter"])
+        ax.set_title(label)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=7, fontsize=8)
+    figure.suptitle(summary["title"], fontsize=10)
+    figure.tight_layout(rect=(0, 0.12, 1, 1))
+    with open_atomic(path, "wb") as stream:
+        figure.savefig(stream, format="png", dpi=110)
+    plt.close(figure)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("parameter", choices=("budget", "group-size"))
+    parser.add_argument("--values", required=True, help="comma-separated values of the swept setting")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--updates", default="first-order")
+    parser.add_argument("--workdir", default="runs/sweep")
+    parser.add_argument("--out", default=None, help="default: experiments/results/sweep-<parameter>")
+    args, extra = parser.parse_known_args(argv)
+    values = [float(v) if args.parameter == "budget" else int(v) for v in args.values.split(",")]
+    out = pathlib.Path(args.out or ROOT / "experiments" / "results" / f"sweep-{args.parameter}")
+    summary = {"parameter": args.parameter, "values": values, "seeds": args.seeds, "methods": {}, "baselines": {}}
+    for value in values:
+        workdir = pathlib.Path(args.workdir)
+        if args.parameter == "group-size":
+            workdir = workdir / f"group-{value}"
+        run_args = ["run", f"--{args.parameter}", str(value), "--seeds", args.seeds, "--updates", args.updates]
+        run_args += ["--workdir", str(workdir), "--out", str(out / str(value)), "--quiet", *extra]
+        print(f"sweep: {args.parameter} = {value}", flush=True)
+        if cli.main(run_args) != 0:
+            return 2
+        rows = json.loads((out / str(value) / "results.json").read_text())["rows"]
+        for row in rows:
+            target = summary["baselines"] if row["update"] is None else summary["methods"]
+            target.setdefault(row["method"], []).append(row)
+    summary["title"] = f"sweep over {args.parameter} (seeds {args.seeds}, updates {args.updates}, tuned at 1% / 200)"
+    summary["command"] = " ".join(["experiments/sweep.py", *(argv if argv is not None else sys.argv[1:])])
+    write_json_atomic(out / "summary.json", summary)
+    _plot(summary, out / "sweep.png")
+    print(f"wrote {out / 'summary.json'} and {out / 'sweep.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

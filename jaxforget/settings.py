@@ -1,0 +1,276 @@
+"""The main job's settings: :class:`RunConfig`, its checks, the hyperparameters each method runs with, and which
+stage depends on which setting.
+
+The unlearning hyperparameters (τ per selection rule, diagonal-Newton damping per selection rule, fine-tuning
+learning rate and steps, CG damping) default to the values that ``experiments/tune.py`` chose on validation data
+and tuning seeds (written to ``jaxforget/tuned.json``); a value given in the ``RunConfig`` overrides them for every
+rule. Nothing here imports the stage runner, so the CLI, the stages and the experiment scripts can all import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import pathlib
+from typing import Any
+
+from jaxforget import data
+
+__all__ = [
+    "RunConfig",
+    "SELECTIONS",
+    "DEFAULT_SELECTIONS",
+    "UPDATES",
+    "FINETUNE_UPDATES",
+    "STAGES",
+    "MODELS",
+    "SCENARIOS",
+    "ESTIMATOR_OF",
+    "check_config",
+    "scenario_name",
+    "hyperparameters",
+    "tuned_values",
+    "methods",
+    "stage_key",
+    "method_key",
+]
+
+# Selection rules. "hessian" is the exact Hessian diagonal: the exact GGN diagonal, equal to it for these networks.
+SELECTIONS = (
+    "hessian-largest",
+    "hessian-smallest",
+    "hessian-smallest-nonzero",
+    "hutchinson-largest",
+    "gnb-largest",
+    "fisher-largest",
+    "gradient-largest",
+    "unlearning-gradient-largest",
+    "random",
+    "last-layer",
+    "last-layers",
+    "all",
+)
+DEFAULT_SELECTIONS = SELECTIONS
+# The curvature or saliency each selection rule ranks by (rules absent here need none).
+ESTIMATOR_OF = {
+    "hessian-largest": "hessian",
+    "hessian-smallest": "hessian",
+    "hessian-smallest-nonzero": "hessian",
+    "last-layers": "hessian",
+    "hutchinson-largest": "hutchinson",
+    "gnb-largest": "gnb",
+    "fisher-largest": "fisher",
+    "gradient-largest": "gradient",
+    "unlearning-gradient-largest": "unlearning-gradient",
+}
+# Fine-tuning variants: the data each one trains on (Z~: the corrected group; retained: D without Z; Z: ascent).
+FINETUNE_UPDATES = {
+    "finetune": "Z~ + retained",
+    "finetune-corrected": "Z~ only",
+    "finetune-ascent": "Z~ + retained - ascent on Z",
+}
+UPDATES = ("first-order", "diagonal-newton", *FINETUNE_UPDATES, "cg")
+STAGES = ("train", "curvature", "select", "unlearn", "evaluate")
+MODELS = ("cnn", "mlp", "resnet18")
+SCENARIOS = ("backdoor", "label-flip")
+CORRECTIONS = ("relabel", "remove-trigger")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Every setting of the main job. Field comments double as the CLI's ``--help``."""
+
+    dataset: str = "mnist5k"  # data set: embedded (mnist5k, digits) or tfds (mnist, fashion_mnist, cifar10)
+    model: str = "cnn"  # cnn (the paper's), mlp or resnet18
+    width: int = 64  # resnet18's base width (64: the standard network; smaller for quick runs)
+    scenario: str = "label-flip"  # label-flip (label c -> c+1) or backdoor (a 3x3 trigger patch -> class 0)
+    correction: str = "relabel"  # backdoor's Z~: relabel (triggered images, true labels) or remove-trigger
+    group_size: int = 200  # samples in the affected group Z
+    validation_size: int = 500  # training samples set aside for tuning (never trained on, never reported)
+    holdout_size: int = 500  # training samples set aside for the attack set and membership non-members
+    budget: float = 0.01  # fraction of the parameters each selection rule may update
+    selections: tuple[str, ...] = DEFAULT_SELECTIONS  # selection rules to compare
+    updates: tuple[str, ...] = ("first-order", "diagonal-newton", "finetune")  # unlearning updates
+    cg_selections: tuple[str, ...] = ("hessian-largest", "all")  # selections the (costly) CG update runs on
+    seed: int = 0  # seed for the group, initialization, batches, probes and random masks
+    train_steps: int = 500  # Adam steps for the poisoned and the retrained model
+    batch_size: int = 64  # training batch size
+    learning_rate: float = 1e-3  # Adam learning rate for training
+    curvature_samples: int = 0  # training samples the curvature is estimated on (0: the whole training set)
+    probes: int = 2  # Hutchinson probes per batch of 64 samples
+    tau: float | None = None  # first-order step size on the group's sum (default: tuned per selection rule)
+    damping: float | None = None  # diagonal-Newton damping (default: tuned per selection rule)
+    finetune_steps: int | None = None  # fine-tuning steps (default: tuned per fine-tuning variant)
+    finetune_lr: float | None = None  # fine-tuning Adam learning rate (default: tuned per variant)
+    ascent_weight: float | None = None  # weight of the ascent on Z in finetune-ascent (default: tuned)
+    cg_damping: float | None = None  # damping of the mean-loss Hessian for CG (default: tuned)
+    cg_iterations: int = 10  # CG iteration cap
+    hessian_samples: int = 256  # training samples per Hessian-vector product in CG
+    timing_repeats: int = 3  # timed runs per method after compilation; the table shows their median
+    relearn_steps: int = 20  # cap on the fine-tuning steps on Z in the relearning test
+    data_dir: str | None = None  # tfds data directory
+    download: bool = False  # let tfds download missing data
+
+
+# The settings each stage depends on (beyond those of the stages before it).
+STAGE_FIELDS = {
+    "train": (
+        "dataset",
+        "model",
+        "width",
+        "scenario",
+        "correction",
+        "group_size",
+        "validation_size",
+        "holdout_size",
+        "seed",
+        "train_steps",
+        "batch_size",
+        "learning_rate",
+    ),
+    "curvature": ("curvature_samples", "probes"),
+    "select": ("budget", "selections", "timing_repeats"),
+    "unlearn": ("updates", "cg_selections"),  # and every method's resolved hyperparameters (see stage_key)
+    "evaluate": ("relearn_steps",),
+}
+
+
+def _fail(option: str, message: str) -> None:
+    raise ValueError(f"--{option.replace('_', '-')}: {message}")
+
+
+def check_config(config: RunConfig) -> None:
+    """Raises ``ValueError`` naming the option and the fix for any bad setting, before anything is computed."""
+    names = data.EMBEDDED_DATASETS + data.TFDS_DATASETS
+    for option, allowed in (
+        ("dataset", names),
+        ("model", MODELS),
+        ("scenario", SCENARIOS),
+        ("correction", CORRECTIONS),
+    ):
+        if getattr(config, option) not in allowed:
+            _fail(option, f"{getattr(config, option)!r} is not one of {', '.join(allowed)}.")
+    if not 0 < config.budget <= 1:
+        _fail("budget", f"{config.budget} must be a fraction of the parameters in (0, 1], e.g. 0.01.")
+    for option, chosen, allowed in (
+        ("selections", config.selections, SELECTIONS),
+        ("cg_selections", config.cg_selections, SELECTIONS),
+        ("updates", config.updates, UPDATES),
+    ):
+        unknown = [name for name in chosen if name not in allowed]
+        if unknown or (option != "cg_selections" and not chosen):
+            _fail(option, f"{', '.join(unknown) or 'nothing'} chosen; choose from {', '.join(allowed)}.")
+    for option in (
+        "group_size",
+        "width",
+        "validation_size",
+        "holdout_size",
+        "train_steps",
+        "batch_size",
+        "probes",
+        "cg_iterations",
+        "hessian_samples",
+        "timing_repeats",
+        "relearn_steps",
+    ):
+        if getattr(config, option) < 1:
+            _fail(option, f"{getattr(config, option)} must be at least 1.")
+    if config.width != RunConfig.width and config.model != "resnet18":
+        _fail("width", f"{config.width} applies to --model resnet18 only; drop it or choose resnet18.")
+    if config.curvature_samples < 0:
+        _fail("curvature_samples", f"{config.curvature_samples} must be 0 (the whole training set) or positive.")
+    if config.finetune_steps is not None and config.finetune_steps < 1:
+        _fail("finetune_steps", f"{config.finetune_steps} must be at least 1.")
+    if config.seed < 0:
+        _fail("seed", f"{config.seed} must be non-negative.")
+    for option in ("tau", "damping", "learning_rate", "finetune_lr", "cg_damping"):
+        value = getattr(config, option)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            _fail(option, f"{value} must be a positive, finite number.")
+    if config.ascent_weight is not None and not (math.isfinite(config.ascent_weight) and config.ascent_weight >= 0):
+        _fail("ascent_weight", f"{config.ascent_weight} must be a non-negative, finite number.")
+
+
+def scenario_name(config: RunConfig) -> str:
+    """The scenario as the tuned values are keyed: ``"label-flip"``, ``"backdoor/relabel"``, ..."""
+    return config.scenario if config.scenario != "backdoor" else f"backdoor/{config.correction}"
+
+
+_TUNED_PATH = pathlib.Path(__file__).with_name("tuned.json")
+
+# Used only where tuned.json has no value (a scenario or rule not tuned yet); a record says which source was used.
+_FALLBACK = {
+    "first-order": {"tau": 3e-4},
+    "diagonal-newton": {"damping": 1.0},
+    "finetune": {"finetune_lr": 1e-3, "finetune_steps": 30},
+    "finetune-corrected": {"finetune_lr": 1e-3, "finetune_steps": 30},
+    "finetune-ascent": {"finetune_lr": 1e-3, "finetune_steps": 30, "ascent_weight": 0.1},
+    "cg": {"cg_damping": 1.0},
+}
+
+
+@functools.lru_cache(maxsize=1)
+def tuned_values() -> dict[str, Any]:
+    """The contents of ``jaxforget/tuned.json`` (written by ``experiments/tune.py``), or ``{}`` if it is absent."""
+    if not _TUNED_PATH.exists():
+        return {}
+    return json.loads(_TUNED_PATH.read_text())
+
+
+def hyperparameters(config: RunConfig, update: str, selection: str) -> dict[str, Any]:
+    """The hyperparameters ``update`` runs with after ``selection``: the option if set, else the tuned value for
+    this scenario (per selection rule for first-order and diagonal Newton), else the fallback.
+
+    Returns:
+      ``{name: value, ..., "source": "option" | "tuned" | "fallback"}`` (the source of the last value resolved).
+    """
+    tuned = tuned_values().get("scenarios", {}).get(scenario_name(config), {}).get(update, {})
+    values, sources = {}, set()
+    for name, fallback in _FALLBACK[update].items():
+        option = getattr(config, name)
+        entry = tuned.get(name)
+        if isinstance(entry, dict):  # per selection rule
+            entry = entry.get(selection)
+        if option is not None:
+            values[name], source = option, "option"
+        elif entry is not None:
+            values[name], source = entry, "tuned"
+        else:
+            values[name], source = fallback, "fallback"
+        sources.add(source)
+    if update == "cg":
+        values.update(cg_iterations=config.cg_iterations, hessian_samples=config.hessian_samples)
+    values["source"] = "+".join(sorted(sources))
+    return values
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def methods(config: RunConfig) -> list[tuple[str, str]]:
+    """Every (selection, update) pair the unlearn stage runs, grouped by update."""
+    pairs = []
+    for update in config.updates:
+        names = [s for s in config.selections if update != "cg" or s in config.cg_selections]
+        pairs += [(s, update) for s in names]
+    return pairs
+
+
+def stage_key(config: RunConfig, stage: str) -> str:
+    """A hash of every setting ``stage`` and the stages before it depend on."""
+    fields: dict[str, Any] = {}
+    for name in STAGES[: STAGES.index(stage) + 1]:
+        fields.update({field: getattr(config, field) for field in STAGE_FIELDS[name]})
+    if STAGES.index(stage) >= STAGES.index("unlearn"):
+        fields["methods"] = {f"{s}/{u}": hyperparameters(config, u, s) for s, u in methods(config)}
+    return _hash(fields)
+
+
+def method_key(config: RunConfig, selection: str, update: str) -> str:
+    """A hash of what one unlearned model depends on: the masks' settings, the update and its hyperparameters, so
+    that adding an update or a selection keeps the finished methods."""
+    return _hash([stage_key(config, "select"), selection, update, hyperparameters(config, update, selection)])
