@@ -8,6 +8,7 @@ import pytest
 from conftest import build, dense_hessian, ravel
 
 import jaxforget as jf
+from jaxforget import curvature
 
 # ---------------------------------------------------------------------------------------------------------------
 # Exact identities.
@@ -133,11 +134,124 @@ def test_ggn_equals_hessian_diagonal_on_relu_cnn_with_batch_norm(small_relu_cnn,
     np.testing.assert_allclose(ravel(got), exact, rtol=0, atol=1e-12)
 
 
-def test_ggn_equals_hessian_diagonal_on_a_residual_network():
-    params, batch, logits_fn, loss_fn = build(jf.ResNet18(width=2, stage_sizes=(1, 1)), (3, 6, 6, 3))
-    exact = np.diag(dense_hessian(loss_fn, params, batch))
-    got = jax.jit(lambda p, x: jf.ggn_diagonal(logits_fn, p, x))(params, batch.inputs)
-    np.testing.assert_allclose(ravel(got), exact, rtol=0, atol=1e-12)
+@pytest.fixture(scope="module")
+def small_resnet():
+    """A two-stage ResNet (width 2): eval-mode batch norm with perturbed running statistics, an identity and a
+    projection shortcut, global average pooling. Returns (params, batch, logits_fn, loss_fn, dense Hessian).
+
+    Seed 3: with width 2, ReLUs are easily dead everywhere (at seed 0, two of the three examples give constant logits
+    and 315 of the 436 Hessian entries are zero); at seed 3 every example is live and every batch-norm entry is not.
+    """
+    params, batch, logits_fn, loss_fn = build(jf.ResNet18(width=2, stage_sizes=(1, 1)), (3, 6, 6, 3), seed=3)
+    return params, batch, logits_fn, loss_fn, dense_hessian(loss_fn, params, batch)
+
+
+@pytest.fixture
+def layerwise_only(monkeypatch):
+    """Makes the naive Gauss-Newton path raise and records each trace of the layerwise one, so that a test sees which
+    path method='auto' took. Both are private to jaxforget.curvature; if either is renamed, setattr fails."""
+    traced = []
+    layerwise = curvature._layerwise_sum_of_squares
+
+    def naive(*args, **kwargs):
+        raise AssertionError("the Gauss-Newton estimator fell back to the naive per-example path")
+
+    def recorded(*args, **kwargs):
+        traced.append(True)
+        return layerwise(*args, **kwargs)
+
+    monkeypatch.setattr(curvature, "_naive_sum_of_squares", naive)
+    monkeypatch.setattr(curvature, "_layerwise_sum_of_squares", recorded)
+    return traced
+
+
+def _batch_norm_entries(params) -> tuple[np.ndarray, list[str]]:
+    """A boolean mask over the raveled params selecting the scale and bias entries of every nn.BatchNorm, and the
+    paths of those leaves."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    names = [[str(getattr(k, "key", k)) for k in path] for path, _ in leaves]
+    is_norm = [n[-1] in ("scale", "bias") and n[-2].startswith("BatchNorm_") for n in names]
+    mask = np.concatenate([np.full(leaf.size, norm) for norm, (_, leaf) in zip(is_norm, leaves, strict=True)])
+    return mask, ["/".join(n) for n, norm in zip(names, is_norm, strict=True) if norm]
+
+
+def _dense_ggn_diagonal(logits_fn, params, inputs) -> np.ndarray:
+    """diag of (1/B) sum_n J_n^T (diag(p_n) - p_n p_n^T) J_n from the dense Jacobian of the logits (small models)."""
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    jac = np.asarray(jax.jit(jax.jacrev(lambda f, x: logits_fn(unravel(f), x)))(flat, inputs))  # [B, C, P]
+    probs = np.asarray(jax.jit(lambda p, x: jax.nn.softmax(logits_fn(p, x)))(params, inputs))  # [B, C]
+    logit_hessians = np.stack([np.diag(p) - np.outer(p, p) for p in probs])  # [B, C, C]
+    return np.einsum("nci,ncd,ndi->i", jac, logit_hessians, jac) / len(probs)
+
+
+def test_ggn_on_a_residual_network_is_layerwise_and_equals_the_hessian_and_the_dense_ggn(small_resnet, layerwise_only):
+    """ReLU, eval-mode batch norm, residual additions and average pooling make the logits linear in each single
+    parameter, so with cross-entropy the Hessian diagonal is the GGN diagonal; 'auto' must get it the layerwise way."""
+    params, batch, logits_fn, _, hessian = small_resnet
+    exact = np.diag(hessian)
+    assert np.count_nonzero(exact) > 0.75 * exact.size  # mostly live units, so the comparison is not of zeros
+    got = ravel(jax.jit(lambda p, x: jf.ggn_diagonal(logits_fn, p, x))(params, batch.inputs))
+    assert layerwise_only
+    atol = 1e-10 * np.max(np.abs(exact))
+    np.testing.assert_allclose(got, exact, rtol=1e-8, atol=atol)
+    np.testing.assert_allclose(got, _dense_ggn_diagonal(logits_fn, params, batch.inputs), rtol=1e-8, atol=atol)
+
+
+def test_ggn_batch_norm_entries_on_a_residual_network_equal_the_hessian(small_resnet, layerwise_only):
+    """Checked on their own, at their own scale: batch-norm entries are a small part of the whole diagonal."""
+    params, batch, logits_fn, _, hessian = small_resnet
+    exact = np.diag(hessian)
+    is_norm, norm_leaves = _batch_norm_entries(params)
+    assert len(norm_leaves) == 12, norm_leaves  # scale and bias of 6 BatchNorms: stem, 2 per block, projection
+    assert np.all(exact[is_norm] != 0)
+    got = ravel(jax.jit(lambda p, x: jf.ggn_diagonal(logits_fn, p, x, method="auto"))(params, batch.inputs))
+    assert layerwise_only
+    np.testing.assert_allclose(got[is_norm], exact[is_norm], rtol=1e-8, atol=1e-10 * np.max(np.abs(exact[is_norm])))
+
+
+def test_gnb_on_a_residual_network_is_layerwise_and_converges_like_inverse_sqrt_samples(small_resnet, layerwise_only):
+    params, batch, logits_fn, _, hessian = small_resnet
+    exact = np.diag(hessian)
+    gnb = jax.jit(lambda p, x, k, n: jf.gnb_diagonal(logits_fn, p, x, k, num_samples=n), static_argnums=3)
+    errors = {
+        n: np.mean([_relative_error(gnb(params, batch.inputs, jax.random.key(s), n), exact) for s in range(4)])
+        for n in (16, 256, 4096)
+    }
+    assert layerwise_only
+    # 16x the samples should cut the error by about 4x (about 4.9x at these seeds); more than 8x would mean it is not
+    # a Monte Carlo error at all.
+    assert 2.5 < errors[16] / errors[256] < 8, errors
+    assert 2.5 < errors[256] / errors[4096] < 8, errors
+    assert errors[4096] < 0.05, errors
+
+
+def test_hutchinson_on_a_residual_network_is_unbiased_within_its_stderr(small_resnet):
+    """Rademacher samples v_i (H v)_i have mean H_ii and covariance C_ik = H_ik^2 (i != k), C_ii = sum_{j != i} H_ij^2;
+    so the estimate's error and its stderr are known exactly from the dense Hessian, and both shrink as 1/sqrt(K)."""
+    params, batch, _, loss_fn, hessian = small_resnet
+    exact = np.diag(hessian)
+    covariance = hessian**2
+    np.fill_diagonal(covariance, 0.0)
+    np.fill_diagonal(covariance, covariance.sum(1))
+    variance = np.diag(covariance)
+    num_probes = 4096
+    mean, stderr = jax.jit(lambda p, b, k: jf.hutchinson_diagonal_with_stderr(loss_fn, p, b, k, num_probes=num_probes))(
+        params, batch, jax.random.key(0)
+    )
+    mean, stderr = ravel(mean), ravel(stderr)
+    random = variance > 1e-12 * np.max(variance)
+    assert np.count_nonzero(random) > 0.75 * random.size
+    # Where a row of H has no off-diagonal entries every probe gives H_ii exactly.
+    np.testing.assert_allclose(mean[~random], exact[~random], rtol=0, atol=1e-12 * np.max(np.abs(exact)))
+    # The stderr estimates the true standard deviation over sqrt(num_probes) (summed over entries, to within 10%)...
+    np.testing.assert_allclose(np.sum(stderr**2) * num_probes, np.sum(variance), rtol=0.1)
+    z = np.abs(mean - exact)[random] / stderr[random]
+    assert np.mean(z < 4.0) > 0.95  # ...the estimate lies within 4 stderr of the truth (a normal mean: 99.99%)...
+    assert np.mean(z < 0.5) < 0.6  # ...and the stderr is not inflated (a normal mean: 38% within 0.5).
+    # Per entry the noise hides a scale bias (most rows are dominated by off-diagonal terms); along the exact diagonal
+    # it shows: the error there is N(0, d^T C d / K), about 1% of |d|^2 at this K, so a 5% bias would fail.
+    projected_error = exact @ (mean - exact) / np.sqrt(exact @ covariance @ exact / num_probes)
+    assert abs(projected_error) < 4.0, projected_error
 
 
 def test_ggn_differs_from_hessian_diagonal_on_tanh_network(small_tanh_mlp):
@@ -193,6 +307,16 @@ def test_auto_falls_back_to_naive_where_layers_are_not_covered():
     np.testing.assert_array_equal(auto, naive)
     with pytest.raises(ValueError, match="Embed_0/embedding"):
         jf.ggn_diagonal(logits_fn, params, tokens, method="layerwise")
+
+
+def test_the_layerwise_guard_catches_a_fallback_to_naive(layerwise_only):
+    """The guard is not vacuous: a model with an Embed, which the layerwise path does not cover, trips it."""
+    model = _WithEmbedding()
+    tokens = jnp.array([[1, 2], [3, 6], [0, 5]])
+    params = model.init(jax.random.key(0), tokens)["params"]
+    with pytest.raises(AssertionError, match="fell back to the naive"):
+        jf.ggn_diagonal(lambda p, x: model.apply({"params": p}, x), params, tokens)
+    assert not layerwise_only
 
 
 def test_layerwise_refuses_parameters_that_logits_fn_transforms(small_relu_cnn):
