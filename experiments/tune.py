@@ -115,7 +115,9 @@ def _tune_seed(config: settings.RunConfig, workdir: pathlib.Path, updates, finet
     finetuning = pipeline.Finetuning(setup, config)
     results = {"poisoned": score(params), "updates": {}}
     for update in updates:
-        rules = finetune_selections if update in settings.FINETUNE_UPDATES else config.selections
+        rules = config.selections
+        if update in settings.FINETUNE_UPDATES:  # the scored rules that this run selects, else all of them
+            rules = [rule for rule in finetune_selections if rule in config.selections] or config.selections
         if update == "cg":
             rules = ("hessian-largest",)
         per_rule = {}

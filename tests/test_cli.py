@@ -46,8 +46,9 @@ def test_run_writes_every_file_and_a_row_per_method(tiny_run, capsys):
     # A rule that moves nothing scores exactly as the poisoned model does.
     unchanged = ("test_accuracy", "group_accuracy", "mia_auc", "fidelity_test")
     assert all(rows["hessian-smallest/first-order"][k] == rows["poisoned"][k] for k in unchanged)
-    # Every fine-tuning step saw a batch of Z~, the remainder batch included: 3 steps over 20 samples in batches of
-    # 20 (the group is smaller than --batch-size).
+    # The seed's own rows keep each method's details. Every fine-tuning step saw a batch of Z~: 3 steps over 20
+    # samples in batches of 20 (the group is smaller than --batch-size).
+    rows = {row["method"]: row for row in record["per_seed"][0]}
     assert rows["random/finetune"]["samples_seen"] == {"corrected": 60, "retained": 60}
     assert rows["hessian-largest/cg"]["converged"] in (True, False) and rows["hessian-largest/cg"]["residual"] >= 0
     share = rows["hessian-largest/diagonal-newton"]["curvature_share"]
