@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python experiments/tune.py --scenario label-flip --seeds 100,101                                 # ~12 min
-python experiments/tune.py --scenario backdoor --correction relabel --seeds 100,101              # ~12 min
+python experiments/tune.py --scenario backdoor --correction relabel --seeds 100,101 \
+  --updates first-order,diagonal-newton,finetune,finetune-ascent                                  # ~20 min
 python experiments/tune.py --scenario backdoor --correction remove-trigger --seeds 100,101 \
-  --updates first-order,diagonal-newton,finetune                                                  # ~8 min
+  --updates first-order,diagonal-newton,finetune                                                  # ~15 min
 
 jaxforget run --workdir runs/work --out experiments/results/default                              # ~4 min
 jaxforget run --workdir runs/work --seeds 0,1,2,3,4,5,6,7,8,9 \

@@ -32,12 +32,12 @@ def tuning(tmp_path_factory):
 
 def test_tuning_records_the_grid_every_score_and_the_choice(tuning):
     tune, record = tuning
-    assert record["seeds"] == [100] and record["grids"]["first-order"] == tune.GRIDS["first-order"]
+    assert record["seeds"] == [100] and record["grids"]["first-order"] == tune.GRIDS["label-flip"]["first-order"]
     seed = record["per_seed"][0]
     floor = seed["poisoned"]["validation_accuracy"] - 0.01
     for rule in ("hessian-largest", "random"):
         entries = seed["updates"]["first-order"][rule]
-        assert [e["tau"] for e in entries] == sorted(tune.GRIDS["first-order"]["tau"])
+        assert [e["tau"] for e in entries] == sorted(tune.GRIDS["label-flip"]["first-order"]["tau"])
         admissible = [e for e in entries if e["validation_accuracy"] >= floor]
         chosen = record["chosen"]["first-order"]["tau"][rule]
         if admissible:
@@ -46,13 +46,13 @@ def test_tuning_records_the_grid_every_score_and_the_choice(tuning):
             assert pick["objective"] == best
         else:
             assert (
-                chosen == min(tune.GRIDS["first-order"]["tau"])
+                chosen == min(tune.GRIDS["label-flip"]["first-order"]["tau"])
                 and not record["chosen"]["first-order"]["admissible"][rule]
             )
     finetune = record["chosen"]["finetune"]
-    assert finetune["finetune_lr"] in tune.GRIDS["finetune"]["finetune_lr"]
-    assert finetune["finetune_steps"] in tune.GRIDS["finetune"]["finetune_steps"]
-    assert len(seed["updates"]["finetune"]["hessian-largest"]) == len(tune._grid_points("finetune"))
+    assert finetune["finetune_lr"] in tune.GRIDS["label-flip"]["finetune"]["finetune_lr"]
+    assert finetune["finetune_steps"] in tune.GRIDS["label-flip"]["finetune"]["finetune_steps"]
+    assert len(seed["updates"]["finetune"]["hessian-largest"]) == len(tune._grid_points("label-flip", "finetune"))
 
 
 def test_tuning_scores_on_validation_and_the_group_never_on_test(tuning):
