@@ -16,8 +16,9 @@ jaxforget run --workdir runs/work --seeds 0,1,2,3,4,5,6,7,8,9 \
   --out experiments/results/label-flip-10-seeds                                                   # ~40 min
 jaxforget run --workdir runs/backdoor --scenario backdoor --correction relabel --seeds 0,1,2,3,4 \
   --updates first-order,diagonal-newton,finetune,finetune-ascent --out experiments/results/backdoor-relabel  # ~25 min
-jaxforget run --workdir runs/backdoor-rt --scenario backdoor --correction remove-trigger --seeds 0,1,2,3,4 \
-  --updates first-order,diagonal-newton,finetune --out experiments/results/backdoor-remove-trigger  # ~20 min
-python experiments/sweep.py budget --values 0.0005,0.001,0.003,0.01,0.1 --seeds 0,1,2,3,4 \
+jaxforget run --workdir runs/backdoor-rt --scenario backdoor --correction remove-trigger --seeds 0,1,2 \
+  --updates first-order,diagonal-newton,finetune --out experiments/results/backdoor-remove-trigger  # ~15 min
+python experiments/sweep.py budget --values 0.0005,0.001,0.003,0.01,0.1 --seeds 0,1,2 \
   --workdir runs/work                                                                             # ~15 min
-python experiments/sweep.py group-size --values 200,500,1000 --seeds 0,1,2 --workdir runs/sweep     # ~15 min
+mkdir -p runs/sweep && ln -sfn ../work runs/sweep/group-200  # the group of 200 is the main study's: reuse it
+python experiments/sweep.py group-size --values 200,500,1000 --seeds 0,1,2 --workdir runs/sweep     # ~20 min

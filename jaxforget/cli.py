@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import pathlib
 import platform
 import sys
@@ -124,7 +125,20 @@ def _seeds(args: argparse.Namespace) -> list[int]:
     return seeds
 
 
-def _report(configs, records, compute, out: pathlib.Path, seconds: float) -> None:
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    names = ("jaxforget", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy")
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _report(configs, records, compute, out: pathlib.Path, seconds: float, argv) -> None:
     from jaxforget import report
 
     config = configs[0]
@@ -140,11 +154,15 @@ def _report(configs, records, compute, out: pathlib.Path, seconds: float) -> Non
         "config": {**dataclasses.asdict(config), "seeds": seeds},
         "seconds": seconds,
         "stage_seconds": compute,
+        "command": " ".join(["jaxforget", *(sys.argv[1:] if argv is None else argv)]),
         "machine": {
             "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
             "devices": [str(d) for d in jax.devices()],
             "python": platform.python_version(),
         },
+        "versions": _versions(),
         "per_seed": [r["rows"] for r in records],
     }
     per_seed = [r["rows"] for r in records]
@@ -182,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxforget: error: {error}", file=sys.stderr)
         return 2
     if args.command in ("run", "evaluate"):
-        _report(configs, records, compute, pathlib.Path(args.out), time.perf_counter() - start)
+        _report(configs, records, compute, pathlib.Path(args.out), time.perf_counter() - start, argv)
     return 0
 
 

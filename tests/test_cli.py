@@ -27,6 +27,8 @@ def tiny_run(tmp_path_factory):
 def test_run_writes_every_file_and_a_row_per_method(tiny_run, capsys):
     root, _ = tiny_run
     record = json.loads((root / "out" / "results.json").read_text())
+    assert record["command"].startswith("jaxforget run --dataset digits") and record["versions"]["jax"]
+    assert record["machine"]["cpus"] >= 1
     methods = [row["method"] for row in record["rows"]]
     expected = ["poisoned", "retrained"]
     for update in ("first-order", "diagonal-newton", "finetune"):
