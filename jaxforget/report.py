@@ -485,7 +485,8 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, tit
     figure, axes = plt.subplots(2, 2, figsize=(14, 8.5))
     axes = axes.ravel()
     width = 0.8 / max(1, len(selections))
-    colors = plt.get_cmap("tab10")
+    palette = "tab10" if len(selections) <= 10 else "tab20"  # one distinct color per selection rule
+    colors = plt.get_cmap(palette)
     for ax, (key, label) in zip(axes, panels, strict=True):
         shown = []
         for j, selection_name in enumerate(selections):
@@ -496,7 +497,7 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, tit
                     positions.append(i + (j - (len(selections) - 1) / 2) * width)
                     values.append(match[0][key])
                     errors.append(match[0].get(f"{key}_ci") or 0.0)
-            ax.bar(positions, values, width, yerr=errors, label=selection_name, color=colors(j % 10))
+            ax.bar(positions, values, width, yerr=errors, label=selection_name, color=colors(j % colors.N))
             shown += values
         for name, style in (("poisoned", "--"), ("retrained", ":")):
             if name in baselines and baselines[name].get(key) is not None:
