@@ -13,6 +13,14 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_default_prng_impl", "rbg")
 
 
+# A main-job configuration that runs end to end in seconds: digits, a group of 20, 30 training steps.
+SMALL_RUN = [
+    "--dataset", "digits", "--group-size", "20", "--train-steps", "30", "--batch-size", "32",
+    "--validation-size", "200", "--holdout-size", "200", "--probes", "1", "--finetune-steps", "3",
+    "--relearn-steps", "2", "--timing-repeats", "1",
+]  # fmt: skip
+
+
 def to_float64(tree):
     return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 

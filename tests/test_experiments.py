@@ -6,12 +6,10 @@ import pathlib
 
 import numpy as np
 import pytest
+from conftest import SMALL_RUN
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = [
-    "--dataset", "digits", "--group-size", "20", "--train-steps", "30", "--batch-size", "32",
-    "--validation-size", "200", "--holdout-size", "200", "--probes", "1", "--selections", "hessian-largest,random",
-]  # fmt: skip
+TINY = [*SMALL_RUN, "--selections", "hessian-largest,random"]
 
 
 def _script(name):
