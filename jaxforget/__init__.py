@@ -39,7 +39,15 @@ from jaxforget.metrics import (
 )
 from jaxforget.models import CNN, MLP, Batch, ResNet18, init_model, logits_fn_for, loss_fn_for
 from jaxforget.scenarios import Scenario, backdoor, label_flip, poison_like, stamp_trigger, triggered_test_set
-from jaxforget.selection import last_layer, mask_summary, select_layers, select_random, select_top
+from jaxforget.selection import (
+    last_layer,
+    last_layers_holding,
+    layers_in_call_order,
+    mask_summary,
+    select_layers,
+    select_random,
+    select_top,
+)
 from jaxforget.train import TrainState, create_train_state, eval_step, evaluate, fit, predict_logits, train_step
 from jaxforget.unlearn import (
     diagonal_newton_update,
@@ -67,6 +75,8 @@ __all__ = [
     "select_random",
     "select_layers",
     "last_layer",
+    "layers_in_call_order",
+    "last_layers_holding",
     "mask_summary",
     "masked_updates",
     "freeze_unselected",
