@@ -138,7 +138,7 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _report(configs, records, compute, out: pathlib.Path, seconds: float, argv) -> None:
+def _report(configs, records, compute, curvature, out: pathlib.Path, seconds: float, argv) -> None:
     from jaxforget import report
 
     config = configs[0]
@@ -154,6 +154,7 @@ def _report(configs, records, compute, out: pathlib.Path, seconds: float, argv) 
         "config": {**dataclasses.asdict(config), "seeds": seeds},
         "seconds": seconds,
         "stage_seconds": compute,
+        "curvature": curvature,  # per seed: samples, share of exact zeros, seconds per estimator
         "command": " ".join(["jaxforget", *(sys.argv[1:] if argv is None else argv)]),
         "machine": {
             "platform": platform.platform(),
@@ -189,18 +190,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         for config in configs:
             check_config(config)
         stages = STAGES if args.command == "run" else (args.command,)
-        records, compute = [], []
+        records, compute, curvature = [], [], []
         for config in configs:
             workdir = pathlib.Path(args.workdir) / f"seed-{config.seed}"
-            stage_records = [run_stage(stage, config, workdir, quiet=args.quiet) for stage in stages]
-            records.append(stage_records[-1])
+            stage_records = {stage: run_stage(stage, config, workdir, quiet=args.quiet) for stage in stages}
+            records.append(stage_records[stages[-1]])
             # Seconds the stages took when they ran (a reused stage keeps the time of its first run).
-            compute.append({stage: r["stage_seconds"] for stage, r in zip(stages, stage_records, strict=True)})
+            compute.append({stage: r["stage_seconds"] for stage, r in stage_records.items()})
+            if "curvature" in stage_records:
+                keep = ("samples", "reference_samples", "zero_share", "seconds", "gradient_seconds")
+                curvature.append({k: stage_records["curvature"].get(k) for k in keep})
     except (ValueError, FileNotFoundError, ModuleNotFoundError, ConnectionError) as error:
         print(f"jaxforget: error: {error}", file=sys.stderr)
         return 2
     if args.command in ("run", "evaluate"):
-        _report(configs, records, compute, pathlib.Path(args.out), time.perf_counter() - start, argv)
+        _report(configs, records, compute, curvature, pathlib.Path(args.out), time.perf_counter() - start, argv)
     return 0
 
 

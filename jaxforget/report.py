@@ -48,6 +48,7 @@ COLUMNS = (
     ("seconds", "time s", "{:.2f}"),
     ("gradient_equivalents", "grad-eq", "{:.0f}"),
     ("update_norm", "|step|", "{:.3g}"),
+    ("curvature_share", "curv>10%", "{:.0%}"),
 )
 
 # The scores :func:`paired_comparisons` compares by default.
@@ -147,8 +148,9 @@ def aggregate(runs: Sequence[Sequence[dict[str, Any]]], *, relearn_cap: int) -> 
 
     Returns:
       One dict per method: ``method``, ``selection``, ``update``, ``seeds``; for each score ``key`` but the
-      relearning count ``key`` (mean) and ``key_ci`` (half-width); and ``relearn_steps`` (median or ``None``),
-      ``relearn_steps_censored``, ``relearn_steps_ci`` (``None``), ``relearn_capped`` and ``relearn_capped_share``.
+      relearning count ``key`` (mean) and ``key_ci`` (half-width); ``relearn_steps`` (median or ``None``),
+      ``relearn_steps_censored``, ``relearn_steps_ci`` (``None``), ``relearn_capped`` and ``relearn_capped_share``;
+      and ``converged``: for an iterative solver, whether it converged on every seed (``None`` for other methods).
 
     Raises:
       ValueError: ``runs`` is empty or its seeds list different methods, or a relearning count exceeds the cap.
@@ -166,6 +168,8 @@ def aggregate(runs: Sequence[Sequence[dict[str, Any]]], *, relearn_cap: int) -> 
                 continue
             present = [v for v in values if not _missing(v)]
             row[key], row[f"{key}_ci"] = _interval(present) if present else (None, None)
+        solved = [r["converged"] for r in rows if r.get("converged") is not None]
+        row["converged"] = all(solved) if solved else None
         merged.append(row)
     return merged
 
@@ -381,8 +385,13 @@ def _cell(row: dict[str, Any], key: str, fmt: str, *, relearn_cap: int) -> str:
 
 def _cells(rows: Sequence[dict[str, Any]], relearn_cap: int) -> tuple[list[str], list[list[str]]]:
     header = ["method"] + [title for _, title, _ in COLUMNS]
-    body = [[row["method"]] + [_cell(row, k, f, relearn_cap=relearn_cap) for k, _, f in COLUMNS] for row in rows]
+    body = [[_method_label(row)] + [_cell(row, k, f, relearn_cap=relearn_cap) for k, _, f in COLUMNS] for row in rows]
     return header, body
+
+
+def _method_label(row: dict[str, Any]) -> str:
+    """The method's name, marked when its solver did not converge: such a row supports no conclusion."""
+    return row["method"] + (" (not converged)" if row.get("converged") is False else "")
 
 
 def format_table(rows: Sequence[dict[str, Any]], *, relearn_cap: int) -> str:

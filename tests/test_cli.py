@@ -25,6 +25,8 @@ def test_run_writes_every_file_and_a_row_per_method(tiny_run, capsys):
     record = json.loads((root / "out" / "results.json").read_text())
     assert record["command"].startswith("jaxforget run --dataset digits") and record["versions"]["jax"]
     assert record["machine"]["cpus"] >= 1
+    curvature = record["curvature"][0]
+    assert curvature["samples"] == curvature["reference_samples"] > 200 and 0 <= curvature["zero_share"] < 1
     methods = [row["method"] for row in record["rows"]]
     expected = ["poisoned", "retrained"]
     for update in ("first-order", "diagonal-newton", "finetune"):

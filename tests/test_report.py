@@ -354,3 +354,15 @@ def test_write_results_with_and_without_comparisons(tmp_path):
     plain = report.write_results(tmp_path / "b", {}, rows, relearn_cap=CAP, title="t")
     assert "paired" not in json.loads(plain[0].read_text())
     assert "## Paired" not in plain[1].read_text()
+
+
+def test_a_solver_that_did_not_converge_on_some_seed_is_marked_in_the_tables():
+    runs = [
+        [method_row("all", "cg", group_accuracy=0.9, converged=True), method_row("all", "first-order")],
+        [method_row("all", "cg", group_accuracy=0.8, converged=False), method_row("all", "first-order")],
+    ]
+    rows = report.aggregate(runs, relearn_cap=20)
+    assert rows[0]["converged"] is False and rows[1]["converged"] is None
+    table = report.markdown_table(rows, relearn_cap=20)
+    assert "| all/cg (not converged) |" in table and "| all/first-order |" in table
+    assert report.aggregate(runs[:1], relearn_cap=20)[0]["converged"] is True
