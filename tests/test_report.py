@@ -140,7 +140,8 @@ def only(comparisons, **match):
     return found
 
 
-def test_paired_constant_win_collapses_the_interval():
+def constant_win():
+    """Runs where hessian-largest beats random by exactly 0.1 on every seed, and their comparisons."""
     other = [v - 0.1 for v in REFERENCE_ACCURACY]
     runs = seeds_of(
         METHODS,
@@ -148,6 +149,11 @@ def test_paired_constant_win_collapses_the_interval():
         {("hessian-largest", "first-order"): REFERENCE_ACCURACY, ("random", "first-order"): other},
     )
     comparisons = report.paired_comparisons(runs, metrics=("group_accuracy",), relearn_cap=CAP)
+    return other, comparisons
+
+
+def test_paired_constant_win_collapses_the_interval():
+    other, comparisons = constant_win()
     c = only(comparisons, update="first-order", other="random")
     differences = np.subtract(REFERENCE_ACCURACY, other)
     assert (c["reference"], c["metric"], c["n"]) == ("hessian-largest", "group_accuracy", 5)
@@ -306,13 +312,7 @@ def test_paired_rejects_runs_with_different_methods():
 
 
 def test_paired_markdown_cells():
-    other = [v - 0.1 for v in REFERENCE_ACCURACY]
-    runs = seeds_of(
-        METHODS,
-        "group_accuracy",
-        {("hessian-largest", "first-order"): REFERENCE_ACCURACY, ("random", "first-order"): other},
-    )
-    comparisons = report.paired_comparisons(runs, metrics=("group_accuracy",), relearn_cap=CAP)
+    _, comparisons = constant_win()
     table = report.paired_markdown(comparisons)
     lines = table.splitlines()
     assert lines[0] == "| update | vs | metric | n | mean diff [95% CI] | wins/ties/losses | Wilcoxon p | better |"
