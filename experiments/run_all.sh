@@ -18,7 +18,9 @@ jaxforget run --workdir runs/backdoor --scenario backdoor --correction relabel -
   --updates first-order,diagonal-newton,finetune,finetune-ascent --out experiments/results/backdoor-relabel  # ~25 min
 jaxforget run --workdir runs/backdoor-rt --scenario backdoor --correction remove-trigger --seeds 0,1,2 \
   --updates first-order,diagonal-newton,finetune --out experiments/results/backdoor-remove-trigger  # ~15 min
+# The sweeps work on a copy of the main study's seeds, so that its workdir keeps the study's own stage records.
+mkdir -p runs/sweep-budget runs/sweep && for s in 0 1 2; do cp -r runs/work/seed-$s runs/sweep-budget/; done
 python experiments/sweep.py budget --values 0.0005,0.001,0.003,0.01,0.1 --seeds 0,1,2 \
-  --workdir runs/work                                                                             # ~15 min
-mkdir -p runs/sweep && ln -sfn ../work runs/sweep/group-200  # the group of 200 is the main study's: reuse it
+  --workdir runs/sweep-budget                                                                     # ~15 min
+ln -sfn ../sweep-budget runs/sweep/group-200  # the group of 200 is the main study's: reuse its models
 python experiments/sweep.py group-size --values 200,500,1000 --seeds 0,1,2 --workdir runs/sweep     # ~20 min
