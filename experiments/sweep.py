@@ -31,12 +31,14 @@ def _plot(summary: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     values = summary["values"]
+    colors = plt.get_cmap("tab20")
     figure, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 4.5))
     for ax, (key, label) in zip(axes, PANELS, strict=True):
-        for method, series in summary["methods"].items():
+        # Means only: the seeds differ more from each other than the rules do, so per-rule intervals overlap
+        # everywhere; each value's results.md holds the intervals and the paired differences.
+        for index, (method, series) in enumerate(summary["methods"].items()):
             means = [point[key] for point in series]
-            errors = [point[f"{key}_ci"] or 0.0 for point in series]
-            ax.errorbar(values, means, yerr=errors, marker="o", capsize=3, label=method.split("/")[0])
+            ax.plot(values, means, marker="o", color=colors(index % colors.N), label=method.split("/")[0])
         for name, style in (("poisoned", "--"), ("retrained", ":")):
             ax.plot(values, [point[key] for point in summary["baselines"][name]], "k" + style, label=name)
         ax.set_xscale("log" if summary["parameter"] == "budget" else "linear")
@@ -44,7 +46,7 @@ def _plot(summary: dict, path: pathlib.Path) -> None:
         ax.set_title(label)
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=7, fontsize=8)
-    figure.suptitle(summary["title"], fontsize=10)
+    figure.suptitle(summary["title"] + "; means over the seeds", fontsize=10)
     figure.tight_layout(rect=(0, 0.12, 1, 1))
     with open_atomic(path, "wb") as stream:
         figure.savefig(stream, format="png", dpi=110)
@@ -59,9 +61,13 @@ def main(argv=None) -> int:
     parser.add_argument("--updates", default="first-order")
     parser.add_argument("--workdir", default="runs/sweep")
     parser.add_argument("--out", default=None, help="default: experiments/results/sweep-<parameter>")
+    parser.add_argument("--replot", action="store_true", help="only redraw sweep.png from an existing summary.json")
     args, extra = parser.parse_known_args(argv)
     values = [float(v) if args.parameter == "budget" else int(v) for v in args.values.split(",")]
     out = pathlib.Path(args.out or ROOT / "experiments" / "results" / f"sweep-{args.parameter}")
+    if args.replot:
+        _plot(json.loads((out / "summary.json").read_text()), out / "sweep.png")
+        return 0
     summary = {"parameter": args.parameter, "values": values, "seeds": args.seeds, "methods": {}, "baselines": {}}
     for value in values:
         workdir = pathlib.Path(args.workdir)
