@@ -11,9 +11,9 @@ python experiments/tune.py --scenario backdoor --correction relabel --seeds 100,
 python experiments/tune.py --scenario backdoor --correction remove-trigger --seeds 100,101 \
   --updates first-order,diagonal-newton,finetune                                                  # ~15 min
 
-jaxforget run --workdir runs/work --out experiments/results/default                              # ~4 min
+jaxforget run --workdir runs/default-fresh --out experiments/results/default                     # ~3.5 min
 jaxforget run --workdir runs/work --seeds 0,1,2,3,4,5,6,7,8,9 \
-  --out experiments/results/label-flip-10-seeds                                                   # ~40 min
+  --out experiments/results/label-flip-10-seeds                                                   # ~35 min
 jaxforget run --workdir runs/backdoor --scenario backdoor --correction relabel --seeds 0,1,2,3,4 \
   --updates first-order,diagonal-newton,finetune,finetune-ascent --out experiments/results/backdoor-relabel  # ~25 min
 jaxforget run --workdir runs/backdoor-rt --scenario backdoor --correction remove-trigger --seeds 0,1,2 \
