@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxforget import cli, metrics, pipeline, settings
+from jaxforget import cli, metrics, models, pipeline, settings
 from jaxforget.atomic import write_json_atomic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -93,9 +93,7 @@ class _Scorer:
     def __init__(self, setup: pipeline.Setup, config: settings.RunConfig, stats):
         self.setup, self.config, self.stats = setup, config, stats
         predict = jax.jit(
-            lambda params, stats, inputs: jnp.argmax(
-                pipeline.models.logits_fn_for(setup.model, stats)(params, inputs), -1
-            )
+            lambda params, stats, inputs: jnp.argmax(models.logits_fn_for(setup.model, stats)(params, inputs), -1)
         )
         self.predict = lambda params, batch: np.asarray(predict(params, self.stats, batch.inputs))
 

@@ -22,7 +22,6 @@ from jaxforget import data
 __all__ = [
     "RunConfig",
     "SELECTIONS",
-    "DEFAULT_SELECTIONS",
     "UPDATES",
     "FINETUNE_UPDATES",
     "STAGES",
@@ -53,7 +52,6 @@ SELECTIONS = (
     "last-layers",
     "all",
 )
-DEFAULT_SELECTIONS = SELECTIONS
 # The curvature or saliency each selection rule ranks by (rules absent here need none).
 ESTIMATOR_OF = {
     "hessian-largest": "hessian",
@@ -92,7 +90,7 @@ class RunConfig:
     validation_size: int = 500  # training samples set aside for tuning (never trained on, never reported)
     holdout_size: int = 500  # training samples set aside for the attack set and membership non-members
     budget: float = 0.01  # fraction of the parameters each selection rule may update
-    selections: tuple[str, ...] = DEFAULT_SELECTIONS  # selection rules to compare
+    selections: tuple[str, ...] = SELECTIONS  # selection rules to compare
     updates: tuple[str, ...] = ("first-order", "diagonal-newton", "finetune")  # unlearning updates
     cg_selections: tuple[str, ...] = ("hessian-largest", "all")  # selections the (costly) CG update runs on
     seed: int = 0  # seed for the group, initialization, batches, probes and random masks

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxforget import pipeline, settings
+from jaxforget import models, pipeline, settings
 
 SMALL = settings.RunConfig(dataset="digits", group_size=20, validation_size=200, holdout_size=200, batch_size=32)
 
@@ -39,7 +39,7 @@ def test_splits_that_leave_too_little_training_data_are_refused_naming_the_optio
 
 
 def test_chunks_keep_the_remainder():
-    batch = pipeline.models.Batch(np.arange(200.0)[:, None], np.arange(200))
+    batch = models.Batch(np.arange(200.0)[:, None], np.arange(200))
     chunks = pipeline._chunks(batch, 64)
     assert [len(c.labels) for c in chunks] == [64, 64, 64, 8]
     assert np.array_equal(np.concatenate([c.labels for c in chunks]), batch.labels)
