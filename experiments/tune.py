@@ -120,12 +120,8 @@ def _tune_seed(config: settings.RunConfig, workdir: pathlib.Path, updates, finet
     params, stats = state.params, state.batch_stats
     masks = pipeline.load_trees(workdir / "masks.npz", params)
     hessian = pipeline.load_trees(workdir / "curvature.npz", params)["hessian"]
-    scenario = setup.scenario
-    old, new = scenario.poisoned_group, scenario.corrected
-    num_train = len(scenario.train.labels)
     score = _Scorer(setup, config, stats)
-    one_step = pipeline.one_step_updates(setup, num_train)
-    finetuning = pipeline.Finetuning(setup, config)
+    apply = pipeline.Updates(setup, config, state, hessian)
     results = {"poisoned": score(params), "updates": {}}
     for update in updates:
         rules = config.selections
@@ -137,19 +133,10 @@ def _tune_seed(config: settings.RunConfig, workdir: pathlib.Path, updates, finet
         for rule in rules:
             mask, entries = masks[rule], []
             for point in _grid_points(config.scenario, update):
-                if update == "first-order":
-                    new_params, _ = one_step[update](params, stats, old, new, mask, jnp.float32(point["tau"]))
-                elif update == "diagonal-newton":
-                    args = (params, stats, old, new, mask, hessian, jnp.float32(point["damping"]))
-                    new_params, _ = one_step[update](*args)
-                elif update == "cg":
-                    fn = pipeline.cg_update(setup.model, num_train, point["cg_damping"], config.cg_iterations)
-                    new_params, info = fn(params, stats, old, new, mask, pipeline.hessian_batches(setup, config))
+                new_params, info = apply.runner(update, mask, point)[0]()
+                if update == "cg":
                     point = {**point, "converged": bool(info["converged"]), "residual": float(info["residual"])}
-                else:
-                    go, steps, _ = finetuning.run(state, update, mask, point)
-                    new_params = go(steps)[0].params
-                finite = all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(new_params))
+                finite = pipeline.all_finite(new_params)
                 scores = score(new_params) if finite else {"validation_accuracy": 0.0, "objective": 0.0}
                 entries.append({**point, **scores, "finite": finite})
             per_rule[rule] = entries

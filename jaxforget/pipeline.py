@@ -57,10 +57,8 @@ __all__ = [
     "Setup",
     "restore_model",
     "load_trees",
-    "one_step_updates",
-    "Finetuning",
-    "hessian_batches",
-    "cg_update",
+    "Updates",
+    "all_finite",
 ]
 
 PyTree = Any
@@ -465,7 +463,7 @@ def _scalars_to_python(tree: dict) -> dict:
     return {k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v) for k, v in tree.items()}
 
 
-def one_step_updates(setup_: Setup, num_train: int) -> dict[str, Callable]:
+def _one_step_updates(setup_: Setup, num_train: int) -> dict[str, Callable]:
     """Jitted first-order and diagonal-Newton updates; the step size and the damping are traced arguments, so one
     compilation serves every selection rule's tuned value."""
     model = setup_.model
@@ -483,14 +481,14 @@ def one_step_updates(setup_: Setup, num_train: int) -> dict[str, Callable]:
     return {"first-order": jax.jit(first_order), "diagonal-newton": jax.jit(diagonal_newton)}
 
 
-def hessian_batches(setup_: Setup, config: RunConfig) -> models.Batch:
+def _hessian_batches(setup_: Setup, config: RunConfig) -> models.Batch:
     """The stacked [K, 64, ...] training batches CG takes its Hessian-vector products on."""
     sample = _subset(setup_.scenario.train, config.hessian_samples, config.seed + 1)
     return unlearn.stack_batches(list(data.batches(sample, min(64, len(sample.labels)), seed=0, shuffle=False)))
 
 
 @functools.lru_cache(maxsize=8)
-def cg_update(model, num_train: int, damping: float, iterations: int) -> Callable:
+def _cg_update(model, num_train: int, damping: float, iterations: int) -> Callable:
     """The jitted masked CG update ``(params, stats, old, new, mask, hessian_batches) -> (params, diagnostics)``."""
 
     def cg(params, stats, old, new, mask, hessian_batches):
@@ -515,7 +513,7 @@ def _adam(learning_rate: float) -> optax.GradientTransformation:
     return optax.adam(learning_rate)  # one object per rate, so one compiled step serves every mask
 
 
-class Finetuning:
+class _Finetuning:
     """The data of the fine-tuning variants: Z~ in order with its remainder, retained batches, Z for ascent."""
 
     def __init__(self, setup_: Setup, config: RunConfig):
@@ -561,18 +559,55 @@ class Finetuning:
         return go, steps, {"data": FINETUNE_UPDATES[update], "samples_seen": seen}
 
 
+class Updates:
+    """Every unlearning update of the main job from the poisoned model, for any mask and hyperparameters: the unlearn
+    stage times and records them, ``experiments/tune.py`` scores them over its grids."""
+
+    def __init__(self, setup_: Setup, config: RunConfig, state: train.TrainState, hessian: PyTree):
+        scenario = setup_.scenario
+        self.setup, self.config, self.state, self.hessian = setup_, config, state, hessian
+        self.old, self.new = scenario.poisoned_group, scenario.corrected
+        self.num_train = len(scenario.train.labels)
+        self.one_step = _one_step_updates(setup_, self.num_train)
+        self.finetuning = _Finetuning(setup_, config)
+
+    @functools.cached_property
+    def _stacked(self) -> models.Batch:  # built on CG's first use only
+        return _hessian_batches(self.setup, self.config)
+
+    def runner(self, update: str, mask: PyTree, values: dict) -> tuple[Callable[[], tuple[PyTree, dict]], dict]:
+        """``(run, extra)``: ``run() -> (new_params, diagnostics)`` applies ``update`` with ``values`` (its
+        hyperparameters) on ``mask``; ``extra`` describes the data a fine-tuning variant saw (else empty)."""
+        params, stats = self.state.params, self.state.batch_stats
+        if update in FINETUNE_UPDATES:
+            go, steps, extra = self.finetuning.run(self.state, update, mask, values)
+
+            def finetune():
+                final, info = go(steps)
+                return final.params, {k: v for k, v in info.items() if k != "loss"}
+
+            return finetune, extra
+        if update == "cg":
+            fn = _cg_update(self.setup.model, self.num_train, float(values["cg_damping"]), self.config.cg_iterations)
+            return functools.partial(fn, params, stats, self.old, self.new, mask, self._stacked), {}
+        if update == "first-order":
+            args = (params, stats, self.old, self.new, mask, jnp.float32(values["tau"]))
+        else:
+            args = (params, stats, self.old, self.new, mask, self.hessian, jnp.float32(values["damping"]))
+        return functools.partial(self.one_step[update], *args), {}
+
+
+def all_finite(tree: PyTree) -> bool:
+    """Whether every entry of every leaf of ``tree`` is finite (on the host)."""
+    return all(bool(np.all(np.isfinite(np.asarray(leaf)))) for leaf in jax.tree.leaves(tree))
+
+
 def _stage_unlearn(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
     setup_ = setup(config)
     state = restore_model(workdir, "poisoned", config)
-    params, stats = state.params, state.batch_stats
-    masks = load_trees(workdir / "masks.npz", params)
-    hessian = load_trees(workdir / "curvature.npz", params)["hessian"]
-    scenario = setup_.scenario
-    old, new = scenario.poisoned_group, scenario.corrected
-    num_train = len(scenario.train.labels)
-    one_step = one_step_updates(setup_, num_train)
-    finetuning = Finetuning(setup_, config)
-    stacked = hessian_batches(setup_, config) if "cg" in config.updates else None
+    masks = load_trees(workdir / "masks.npz", state.params)
+    hessian = load_trees(workdir / "curvature.npz", state.params)["hessian"]
+    updates = Updates(setup_, config, state, hessian)
     key = stage_key(config, "unlearn")
     (workdir / "unlearned").mkdir(exist_ok=True)
     record = {"key": key, "methods": {}}
@@ -586,24 +621,9 @@ def _stage_unlearn(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
             continue
         mask = masks[selection_name]
         values = hyperparameters(config, update, selection_name)
-        extra = {}
-        if update in FINETUNE_UPDATES:
-            go, steps, extra = finetuning.run(state, update, mask, values)
-            (final, info), seconds = _median_seconds(go, (steps,), config.timing_repeats)
-            new_params = final.params
-            info = {k: v for k, v in info.items() if k != "loss"}
-        elif update == "cg":
-            fn = cg_update(setup_.model, num_train, float(values["cg_damping"]), config.cg_iterations)
-            (new_params, info), seconds = _median_seconds(
-                fn, (params, stats, old, new, mask, stacked), config.timing_repeats
-            )
-        elif update == "first-order":
-            args = (params, stats, old, new, mask, jnp.float32(values["tau"]))
-            (new_params, info), seconds = _median_seconds(one_step[update], args, config.timing_repeats)
-        else:
-            args = (params, stats, old, new, mask, hessian, jnp.float32(values["damping"]))
-            (new_params, info), seconds = _median_seconds(one_step[update], args, config.timing_repeats)
-        if not all(bool(np.all(np.isfinite(np.asarray(leaf)))) for leaf in jax.tree.leaves(new_params)):
+        run, extra = updates.runner(update, mask, values)
+        (new_params, info), seconds = _median_seconds(run, (), config.timing_repeats)
+        if not all_finite(new_params):
             raise ValueError(
                 f"{name} produced non-finite parameters with {values}; lower the step size (--tau, --finetune-lr) "
                 f"or raise the damping."

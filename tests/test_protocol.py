@@ -47,7 +47,7 @@ def test_chunks_keep_the_remainder():
 
 def test_finetuning_sees_every_corrected_sample():
     setup = pipeline.setup(dataclasses.replace(SMALL, group_size=50, batch_size=16))
-    finetuning = pipeline.Finetuning(setup, dataclasses.replace(SMALL, group_size=50, batch_size=16))
+    finetuning = pipeline._Finetuning(setup, dataclasses.replace(SMALL, group_size=50, batch_size=16))
     assert sum(len(b.labels) for b in finetuning.new) == 50 and sum(len(b.labels) for b in finetuning.old) == 50
 
 
