@@ -5,11 +5,14 @@
     save_checkpoint(workdir, state, extra={"mask": mask, "curvature": diagonal}, metadata={"config": config})
     target = create_train_state(model, jax.random.key(0), input_shape, tx)
     state, extra, metadata = restore_checkpoint(workdir, target)
+    digest = verify_checkpoint(workdir)  # checks every file; the same digest means the same checkpoint
 
 On disk, ``directory`` holds one published checkpoint and a pointer to it::
 
     directory/
-      LATEST            the name of the published checkpoint, e.g. "ckpt_000003"
+      LATEST            JSON naming the published checkpoint and the SHA-256 and size of each of its files:
+                        {"checkpoint": "ckpt_000003", "sha256": {"model/_METADATA": "ab12...", ...},
+                         "size": {"model/_METADATA": 4394, ...}}
       ckpt_000003/      an orbax-checkpoint composite checkpoint with four items:
         model/            {"step", "params", "batch_stats"} (orbax PyTree)
         opt_state/        the optimizer state (orbax PyTree; its jax treedef in the item's custom metadata)
@@ -18,14 +21,23 @@ On disk, ``directory`` holds one published checkpoint and a pointer to it::
 
 A save is atomic: a crash at any point leaves the previous checkpoint readable. Orbax writes the new checkpoint into
 a temporary directory and renames it to ``ckpt_<n>`` when complete; :func:`save_checkpoint` then flushes it to disk
-(orbax does not fsync), replaces ``LATEST`` with ``os.replace`` and only then deletes the older checkpoints. Readers
-follow ``LATEST`` alone, so a half-written directory left by a crash is never read; the next save deletes it. Saves
-block until the checkpoint is on disk. One process at a time may save to a directory.
+(orbax does not fsync), hashes every file in it, replaces ``LATEST`` with ``os.replace`` and only then deletes the
+older checkpoints. Readers follow ``LATEST`` alone, so a half-written directory left by a crash is never read; the
+next save deletes it. Saves block until the checkpoint is on disk. One process at a time may save to a directory.
+
+A checkpoint is verified before it is used: :func:`restore_checkpoint` first checks every file ``LATEST`` lists
+against its recorded size and SHA-256 (as :func:`verify_checkpoint` does), so flipped bits, truncated or deleted files
+raise :class:`~jaxforget.atomic.CorruptFileError` naming the file instead of loading as wrong weights. Files in the
+checkpoint that ``LATEST`` does not list (an orbax leftover) are ignored. Checkpoints published before ``LATEST``
+held hashes (it held just the name, e.g. ``ckpt_000003``) still restore, without verification of their files; the
+next save publishes a verifiable one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -33,17 +45,19 @@ import pathlib
 import platform
 import re
 import shutil
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxforget.atomic import write_text_atomic
+from jaxforget.atomic import CorruptFileError, sha256_file, write_text_atomic
 
-__all__ = ["save_checkpoint", "restore_checkpoint", "latest_checkpoint", "CHECKPOINT_FORMAT"]
+__all__ = ["save_checkpoint", "restore_checkpoint", "latest_checkpoint", "verify_checkpoint", "CHECKPOINT_FORMAT"]
 
 PyTree = Any
+T = TypeVar("T")
 
 CHECKPOINT_FORMAT = "jaxforget.checkpoint/1"
 _POINTER = "LATEST"
@@ -52,6 +66,8 @@ _PREFIX = "ckpt_"
 _ENTRY = re.compile(rf"{_PREFIX}(\d+)(\..*)?")
 _NAME = re.compile(rf"{_PREFIX}\d+")
 _POINTER_TEMPORARY = re.compile(rf"\.{_POINTER}\..*\.tmp")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_POINTER_KEYS = ("checkpoint", "sha256", "size")
 # Keys the saver writes into the metadata record, and the one restore adds.
 _SAVED_KEYS = ("format", "created", "versions")
 _RESTORE_KEY = "opt_state_restored"
@@ -214,21 +230,216 @@ def _remove(path: pathlib.Path) -> None:
         path.unlink(missing_ok=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Pointer:
+    """What ``LATEST`` says: the published checkpoint's name and, unless it is an old plain-name pointer, the
+    SHA-256 and size in bytes of each of its files (paths relative to the checkpoint, ``/``-separated)."""
+
+    name: str
+    sha256: dict[str, str] | None
+    size: dict[str, int] | None
+    text: bytes
+
+
+def _file_records(path: pathlib.Path) -> tuple[dict[str, str], dict[str, int]]:
+    """The SHA-256 and size of every file under ``path``, keyed by sorted relative path."""
+    files = sorted(file.relative_to(path).as_posix() for file in path.rglob("*") if file.is_file())
+    return {name: sha256_file(path / name) for name in files}, {name: (path / name).stat().st_size for name in files}
+
+
+def _pointer_text(name: str, sha256: dict[str, str], size: dict[str, int]) -> str:
+    return json.dumps({"checkpoint": name, "sha256": sha256, "size": size}, indent=1) + "\n"
+
+
+def _is_relative_file(name: Any) -> bool:
+    """Whether ``name`` is a plain relative path (no ``..``, nothing absolute): one that stays in the checkpoint."""
+    if not isinstance(name, str) or not name:
+        return False
+    pure = pathlib.PurePosixPath(name)
+    return not pure.is_absolute() and ".." not in pure.parts and pure.as_posix() == name and "\\" not in name
+
+
+def _manifest_problem(record: Any) -> str | None:
+    """Why the parsed JSON ``record`` is not a pointer :func:`save_checkpoint` writes, or ``None`` if it is one."""
+    if not isinstance(record, dict) or not set(_POINTER_KEYS) <= record.keys():
+        return f"it is not a JSON object with the keys {list(_POINTER_KEYS)}"
+    name, sha256, size = (record[key] for key in _POINTER_KEYS)
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        return f"its checkpoint {name!r} is not a checkpoint name like {_PREFIX}000003"
+    if not isinstance(sha256, dict) or not isinstance(size, dict) or not sha256 or sha256.keys() != size.keys():
+        return "its sha256 and size are not two objects over the same, non-empty set of files"
+    for file in sorted(sha256):
+        if not _is_relative_file(file):
+            return f"it lists {file!r}, which is not a relative path inside the checkpoint"
+        if not isinstance(sha256[file], str) or not _SHA256.fullmatch(sha256[file]):
+            return f"its sha256 of {file} is not 64 lowercase hex digits"
+        if type(size[file]) is not int or size[file] < 0:
+            return f"its size of {file} is not a number of bytes"
+    return None
+
+
+def _parse_pointer(file: pathlib.Path, text: bytes) -> _Pointer:
+    """Reads the pointer ``file`` with content ``text``: the JSON that :func:`save_checkpoint` writes, or the plain
+    checkpoint name of the format before it (which carries no hashes).
+
+    Raises:
+      CorruptFileError: if ``text`` is neither.
+    """
+    try:
+        decoded = text.decode("utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise CorruptFileError(file, f"it is not UTF-8 text: {error}") from error
+    if _NAME.fullmatch(decoded):
+        return _Pointer(decoded, None, None, text)
+    try:
+        record = json.loads(decoded)
+    except json.JSONDecodeError as error:
+        raise CorruptFileError(file, f"it is neither a checkpoint name nor JSON: {error}") from error
+    problem = _manifest_problem(record)
+    if problem is not None:
+        raise CorruptFileError(file, problem)
+    return _Pointer(record["checkpoint"], record["sha256"], record["size"], text)
+
+
+def _read_pointer(directory: pathlib.Path) -> _Pointer | None:
+    """``directory``'s pointer, or ``None`` if it has none.
+
+    Raises:
+      CorruptFileError: if the pointer cannot be read or parsed.
+    """
+    file = directory / _POINTER
+    try:
+        text = file.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        raise CorruptFileError(file, f"it is unreadable: {error}") from error
+    return _parse_pointer(file, text)
+
+
+def _checkpoint_path(directory: pathlib.Path, pointer: _Pointer) -> pathlib.Path:
+    path = directory / pointer.name
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{directory / _POINTER} names checkpoint {pointer.name!r}, which is not in {directory}."
+        )
+    return path
+
+
+def _published(directory: pathlib.Path) -> tuple[pathlib.Path, _Pointer]:
+    """The published checkpoint of ``directory`` and the pointer to it.
+
+    Raises:
+      FileNotFoundError: if ``directory`` holds no checkpoint, or ``LATEST`` names one that is not there.
+      CorruptFileError: if ``LATEST`` cannot be read or parsed.
+    """
+    pointer = _read_pointer(directory)
+    if pointer is None:
+        reason = (
+            f"it has no {_POINTER} file, which save_checkpoint writes" if directory.is_dir() else "no such directory"
+        )
+        raise FileNotFoundError(f"no checkpoint in {directory}: {reason}.")
+    return _checkpoint_path(directory, pointer), pointer
+
+
+def _check_file(file: pathlib.Path, sha256: str, size: int) -> None:
+    """Raises :class:`CorruptFileError` unless ``file`` is a readable file of ``size`` bytes and SHA-256 ``sha256``."""
+    try:
+        actual = file.stat().st_size
+    except (FileNotFoundError, NotADirectoryError):
+        raise CorruptFileError(file, f"it is missing (save_checkpoint wrote {size} bytes)") from None
+    except OSError as error:
+        raise CorruptFileError(file, f"it is unreadable: {error}") from error
+    if not file.is_file():
+        raise CorruptFileError(file, "it is not a regular file")
+    if actual != size:
+        raise CorruptFileError(file, f"it has {actual} bytes, but save_checkpoint wrote {size} (truncated or replaced)")
+    try:
+        digest = sha256_file(file)
+    except OSError as error:
+        raise CorruptFileError(file, f"it is unreadable: {error}") from error
+    if digest != sha256:
+        raise CorruptFileError(
+            file, f"its SHA-256 is {digest}, not the {sha256} recorded in {_POINTER} when it was saved"
+        )
+
+
+def _verify_files(path: pathlib.Path, pointer: _Pointer) -> None:
+    """Checks each file ``pointer`` lists in the checkpoint ``path``, in sorted order; nothing for an old plain-name
+    pointer, which lists none."""
+    if pointer.sha256 is None:
+        return
+    for name in sorted(pointer.sha256):
+        _check_file(path / name, pointer.sha256[name], pointer.size[name])
+
+
 def latest_checkpoint(directory: str | os.PathLike) -> pathlib.Path | None:
     """The published checkpoint in ``directory`` (the one ``LATEST`` names), or ``None`` if there is none yet.
 
+    Its files are not checked; :func:`verify_checkpoint` does that.
+
     Raises:
       FileNotFoundError: if ``LATEST`` names a checkpoint that is not there (it was deleted by hand).
+      CorruptFileError: if ``LATEST`` is unreadable, or neither the JSON :func:`save_checkpoint` writes nor a plain
+        checkpoint name (the format before it).
     """
     directory = pathlib.Path(directory)
+    pointer = _read_pointer(directory)
+    return None if pointer is None else _checkpoint_path(directory, pointer)
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> str:
+    """Checks that every file of ``directory``'s published checkpoint is there with the size and SHA-256 recorded in
+    ``LATEST`` when it was saved, and returns a digest of the checkpoint's content.
+
+    Files in the checkpoint that ``LATEST`` does not list (orbax leftovers) are ignored. A checkpoint published
+    before ``LATEST`` held hashes (a plain-name pointer) has nothing to check against: its files are not verified,
+    and the digest is that of the pointer :func:`save_checkpoint` would write for them as they are now.
+
+    Args:
+      directory: a directory written by :func:`save_checkpoint`.
+
+    Returns:
+      The SHA-256 (hex) of ``LATEST``, which names the checkpoint and the SHA-256 of each of its files: equal
+      digests mean the same checkpoint, bit for bit (for a plain-name pointer, see above).
+
+    Raises:
+      FileNotFoundError: if ``directory`` holds no checkpoint, or ``LATEST`` names one that is not there.
+      CorruptFileError: naming the first file (in sorted order) that is missing, unreadable, or of another size or
+        SHA-256 than recorded, or ``LATEST`` itself if it cannot be read or parsed.
+    """
+    directory = pathlib.Path(directory).absolute()
+    path, pointer = _published(directory)
+    if pointer.sha256 is None:
+        return hashlib.sha256(_pointer_text(pointer.name, *_file_records(path)).encode()).hexdigest()
+    _verify_files(path, pointer)
+    return hashlib.sha256(pointer.text).hexdigest()
+
+
+def _one_line(error: BaseException, limit: int = 500) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _orbax_read(path: pathlib.Path, read: Callable[[], T]) -> T:
+    """``read()``, an orbax read of the checkpoint ``path``, with whatever it raises as a :class:`CorruptFileError`."""
     try:
-        name = (directory / _POINTER).read_text().strip()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    path = directory / name
-    if not (_NAME.fullmatch(name) and path.is_dir()):
-        raise FileNotFoundError(f"{directory / _POINTER} names checkpoint {name!r}, which is not in {directory}.")
-    return path
+        return read()
+    except Exception as error:
+        raise CorruptFileError(path, f"orbax could not read it: {_one_line(error)}") from error
+
+
+def _stored_items(checkpointer: ocp.Checkpointer, path: pathlib.Path) -> dict[str, Any]:
+    """The orbax metadata of each item of the checkpoint ``path``.
+
+    Raises:
+      CorruptFileError: if orbax cannot read it, or the model or optimizer item is missing.
+    """
+    stored = _orbax_read(path, lambda: checkpointer.metadata(path).item_metadata)
+    for name in ("model", "opt_state"):
+        if stored.get(name) is None:
+            raise CorruptFileError(path, f"it has no {name} item")
+    return stored
 
 
 def save_checkpoint(
@@ -240,6 +451,8 @@ def save_checkpoint(
 ) -> pathlib.Path:
     """Saves ``state``, ``extra`` and ``metadata`` as the new checkpoint of ``directory``, atomically.
 
+    Once orbax has written the checkpoint and it is on disk, the SHA-256 and size of each of its files are published
+    with its name in ``LATEST``, so that :func:`restore_checkpoint` and :func:`verify_checkpoint` can check them.
     Older checkpoints in ``directory`` (and any left half-written by a crash) are deleted once the new one is
     published, so ``directory`` keeps only the newest. Files there that are not checkpoints are left alone.
 
@@ -282,7 +495,7 @@ def save_checkpoint(
     _fsync_tree(path)
     _fsync(directory)  # makes orbax's rename of the temporary directory durable
 
-    write_text_atomic(directory / _POINTER, path.name + "\n")
+    write_text_atomic(directory / _POINTER, _pointer_text(path.name, *_file_records(path)))
     _fsync(directory)
     for _, old in _entries(directory):
         if old != path:
@@ -325,20 +538,20 @@ def restore_checkpoint(
 
     Raises:
       FileNotFoundError: if ``directory`` holds no checkpoint.
+      CorruptFileError: before anything is read, if a file of the checkpoint fails the check of
+        :func:`verify_checkpoint` (skipped for a checkpoint published with a plain-name pointer), or ``LATEST``
+        cannot be parsed; and if orbax cannot read the checkpoint (the error names the checkpoint and carries
+        orbax's message).
       ValueError: if the saved params or batch stats differ from ``target``'s in keys or shapes (a different model,
         other widths, batch norm on one side only), or the saved extras from ``extra_target``'s; nothing is
         restored.
     """
     directory = pathlib.Path(directory).absolute()  # orbax needs absolute paths
-    path = latest_checkpoint(directory)
-    if path is None:
-        reason = (
-            f"it has no {_POINTER} file, which save_checkpoint writes" if directory.is_dir() else "no such directory"
-        )
-        raise FileNotFoundError(f"no checkpoint in {directory}: {reason}.")
+    path, pointer = _published(directory)
+    _verify_files(path, pointer)
     model = {"step": target.step, "params": target.params, "batch_stats": target.batch_stats}
     with _checkpointer() as checkpointer:
-        stored = checkpointer.metadata(path).item_metadata
+        stored = _stored_items(checkpointer, path)
         _check_matches(
             stored["model"].tree,
             model,
@@ -367,7 +580,7 @@ def restore_checkpoint(
             items["opt_state"] = _restore_request(stored["opt_state"].tree, target.opt_state)
         if stored_extra is not None:
             items["extra"] = _restore_request(stored_extra.tree, extra_target)
-        restored = checkpointer.restore(path, ocp.args.Composite(**items))
+        restored = _orbax_read(path, lambda: checkpointer.restore(path, ocp.args.Composite(**items)))
 
     model = _rebuild(restored["model"], model)
     opt_state = _rebuild(restored["opt_state"], target.opt_state) if opt_state_matches else None

@@ -1,4 +1,8 @@
-"""Checkpoints: bitwise round trips, restoring under another optimizer, clear errors, and atomic saves."""
+"""Checkpoints: bitwise round trips, restoring under another optimizer, clear errors, atomic saves, and corrupt
+checkpoints detected before their weights are used."""
+
+import hashlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +13,8 @@ import pytest
 
 import jaxforget as jf
 import jaxforget.checkpoint as checkpoint
-from jaxforget.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from jaxforget.atomic import CorruptFileError, sha256_file
+from jaxforget.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint, verify_checkpoint
 from jaxforget.train import create_train_state, train_step
 
 INPUT_SHAPE = (2, 8, 8, 1)
@@ -221,7 +226,7 @@ def test_saving_again_keeps_only_the_newest(tmp_path, trained, fresh_target):
 
     assert first != second and not first.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["LATEST", second.name, "notes.txt"])
-    assert (tmp_path / "LATEST").read_text().strip() == second.name
+    assert json.loads((tmp_path / "LATEST").read_text())["checkpoint"] == second.name
     restored, _, metadata = restore_checkpoint(tmp_path, fresh_target)
     assert metadata["run"] == 2 and int(restored.step) == int(state.step) + 1
 
@@ -257,3 +262,194 @@ def test_bad_arguments_raise_before_writing(tmp_path, fresh_target, kwargs, mess
     with pytest.raises(ValueError, match=message):
         save_checkpoint(directory, fresh_target, **kwargs)
     assert not directory.exists()
+
+
+# Corrupt checkpoints: each is detected before orbax reads a byte of it, and named.
+
+
+def largest_data_file(path):
+    """The largest array-data chunk (``.../d/<hash>``) of the checkpoint ``path``."""
+    return max((file for file in path.rglob("*") if file.is_file() and file.parent.name == "d"), key=_size)
+
+
+def _size(file):
+    return file.stat().st_size
+
+
+def flip_one_bit(file):
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0b0001_0000
+    file.write_bytes(bytes(data))
+
+
+def forbid_orbax(monkeypatch):
+    """Makes any orbax read of a checkpoint fail the test: verification must come first."""
+
+    def read(*args, **kwargs):
+        raise AssertionError("orbax was asked to read a corrupt checkpoint")
+
+    monkeypatch.setattr(checkpoint, "_checkpointer", read)
+
+
+def assert_corrupt(directory, target, file, reason):
+    """restore_checkpoint and verify_checkpoint both raise CorruptFileError for ``file``, giving ``reason``."""
+    for call in (lambda: restore_checkpoint(directory, target), lambda: verify_checkpoint(directory)):
+        with pytest.raises(CorruptFileError, match=reason) as raised:
+            call()
+        assert raised.value.path == file
+        assert str(file) in str(raised.value)
+
+
+def test_pointer_lists_every_file_of_the_checkpoint(tmp_path, trained):
+    state, _ = trained
+    path = save_checkpoint(tmp_path, state, extra=extras_for(state))
+
+    pointer = json.loads((tmp_path / "LATEST").read_text())
+
+    files = sorted(file.relative_to(path).as_posix() for file in path.rglob("*") if file.is_file())
+    assert pointer["checkpoint"] == path.name
+    assert list(pointer["sha256"]) == files and any(name.startswith("extra/") for name in files)
+    assert pointer["sha256"] == {name: sha256_file(path / name) for name in files}
+    assert pointer["size"] == {name: (path / name).stat().st_size for name in files}
+
+
+def test_one_flipped_bit_is_detected_before_orbax_reads(tmp_path, monkeypatch, trained, fresh_target):
+    state, _ = trained
+    path = save_checkpoint(tmp_path, state)
+    file = largest_data_file(path)
+    assert file.stat().st_size > 1000  # the params' chunk, not a small index
+
+    flip_one_bit(file)
+    forbid_orbax(monkeypatch)
+
+    assert_corrupt(tmp_path, fresh_target, file, "its SHA-256 is [0-9a-f]{64}, not the [0-9a-f]{64} recorded in LATEST")
+
+
+@pytest.mark.parametrize("name", ["largest-data-file", "model/_METADATA", "metadata/metadata", "manifest.ocdbt"])
+def test_truncated_file_is_a_corrupt_file_error(tmp_path, monkeypatch, trained, fresh_target, name):
+    state, _ = trained
+    path = save_checkpoint(tmp_path, state)
+    file = largest_data_file(path) if name == "largest-data-file" else next(path.rglob(name))
+    size = file.stat().st_size
+    file.write_bytes(file.read_bytes()[: size // 2])
+    forbid_orbax(monkeypatch)
+
+    assert_corrupt(tmp_path, fresh_target, file, rf"it has {size // 2} bytes, but save_checkpoint wrote {size}")
+
+
+@pytest.mark.parametrize("name", ["largest-data-file", "opt_state/_METADATA", "extra"])
+def test_deleted_file_is_a_corrupt_file_error(tmp_path, monkeypatch, trained, fresh_target, name):
+    state, _ = trained
+    path = save_checkpoint(tmp_path, state, extra=extras_for(state))
+    if name == "extra":  # a whole item: the first of its files (in sorted order) is named
+        checkpoint._remove(path / "extra")
+        file = path / "extra/_METADATA"
+    else:
+        file = largest_data_file(path) if name == "largest-data-file" else path / name
+        file.unlink()
+    forbid_orbax(monkeypatch)
+
+    assert_corrupt(tmp_path, fresh_target, file, "it is missing")
+
+
+def test_unlisted_files_are_ignored(tmp_path, trained, fresh_target):
+    state, _ = trained
+    path = save_checkpoint(tmp_path, state)
+    digest = verify_checkpoint(tmp_path)
+    (path / "model" / "leftover.orbax-checkpoint-tmp-1").write_text("not orbax's")
+    (path / "stray").mkdir()
+
+    restored, _, _ = restore_checkpoint(tmp_path, fresh_target)
+
+    assert verify_checkpoint(tmp_path) == digest
+    assert leaf_bits(restored.params) == leaf_bits(state.params)
+
+
+def _pointer_with(name, files, **changes):
+    sha256 = {file: "0" * 64 for file in files}
+    return json.dumps({"checkpoint": name, "sha256": sha256, "size": dict.fromkeys(files, 1), **changes})
+
+
+@pytest.mark.parametrize(
+    ("garbage", "reason"),
+    [
+        (b"\xff\xfe\x00garbage", "it is not UTF-8 text"),
+        (b"ckpt_000001 and more", "it is neither a checkpoint name nor JSON"),
+        ("half", "it is neither a checkpoint name nor JSON"),  # the first half of the real pointer
+        (b"[]", "it is not a JSON object with the keys"),
+        (_pointer_with("../elsewhere", ["model/_METADATA"]), "is not a checkpoint name"),
+        (_pointer_with("ckpt_000001", ["../../etc/passwd"]), "which is not a relative path inside the checkpoint"),
+        (_pointer_with("ckpt_000001", ["model/_METADATA"], sha256={"model/_METADATA": "x"}), "is not 64 lowercase hex"),
+        (_pointer_with("ckpt_000001", []), "the same, non-empty set of files"),
+    ],
+    ids=["binary", "text", "half-json", "list", "name", "path", "hash", "no-files"],
+)
+def test_garbage_pointer_is_a_corrupt_file_error(tmp_path, monkeypatch, trained, fresh_target, garbage, reason):
+    state, _ = trained
+    save_checkpoint(tmp_path, state)
+    pointer = tmp_path / "LATEST"
+    if garbage == "half":
+        garbage = pointer.read_bytes()[: len(pointer.read_bytes()) // 2]
+    pointer.write_bytes(garbage if isinstance(garbage, bytes) else garbage.encode())
+    forbid_orbax(monkeypatch)
+
+    assert_corrupt(tmp_path, fresh_target, pointer, reason)
+    with pytest.raises(CorruptFileError, match=reason):
+        latest_checkpoint(tmp_path)
+
+
+def test_pointer_naming_a_missing_checkpoint_is_file_not_found(tmp_path, trained, fresh_target):
+    state, _ = trained
+    path = save_checkpoint(tmp_path, state)
+    checkpoint._remove(path)
+    for call in (latest_checkpoint, verify_checkpoint, lambda directory: restore_checkpoint(directory, fresh_target)):
+        with pytest.raises(FileNotFoundError, match=f"names checkpoint '{path.name}', which is not in"):
+            call(tmp_path)
+
+
+def test_legacy_plain_name_pointer_restores_bitwise(tmp_path, trained, fresh_target):
+    state, _ = trained
+    extra = extras_for(state)
+    path = save_checkpoint(tmp_path, state, extra=extra, metadata={"run": "old"})
+    digest = verify_checkpoint(tmp_path)
+    (tmp_path / "LATEST").write_text(path.name + "\n")  # the pointer format before hashes
+
+    restored, restored_extra, metadata = restore_checkpoint(tmp_path, fresh_target)
+
+    assert latest_checkpoint(tmp_path) == path and metadata["run"] == "old"
+    assert leaf_bits((restored.step, restored.params, restored.batch_stats, restored.opt_state)) == leaf_bits(
+        (state.step, state.params, state.batch_stats, state.opt_state)
+    )
+    assert leaf_bits(restored_extra) == leaf_bits(extra)
+    # Nothing to verify against: the digest is that of the pointer a save would write for the files as they are.
+    assert verify_checkpoint(tmp_path) == digest
+    flip_one_bit(largest_data_file(path))
+    assert verify_checkpoint(tmp_path) != digest
+    # The next save publishes a verifiable checkpoint.
+    newer = save_checkpoint(tmp_path, state)
+    assert json.loads((tmp_path / "LATEST").read_text())["checkpoint"] == newer.name
+
+
+def test_orbax_errors_on_an_unverified_checkpoint_are_corrupt_file_errors(tmp_path, trained, fresh_target):
+    state, _ = trained
+    path = save_checkpoint(tmp_path, state)
+    (tmp_path / "LATEST").write_text(path.name + "\n")  # legacy: no hashes, so orbax meets the damage
+    metadata = path / "model" / "_METADATA"
+    metadata.write_bytes(metadata.read_bytes()[:100])
+
+    with pytest.raises(CorruptFileError, match="^[^\n]* is corrupt: orbax could not read it: [^\n]+$") as raised:
+        restore_checkpoint(tmp_path, fresh_target)
+
+    assert raised.value.path == path and raised.value.__cause__ is not None
+
+
+def test_digest_identifies_the_checkpoint(tmp_path, trained):
+    state, _ = trained
+    save_checkpoint(tmp_path, state)
+
+    digest = verify_checkpoint(tmp_path)
+
+    assert digest == verify_checkpoint(tmp_path) == hashlib.sha256((tmp_path / "LATEST").read_bytes()).hexdigest()
+    params = jax.tree.map(lambda a: a + 1, state.params)
+    save_checkpoint(tmp_path, state.replace(params=params))
+    assert verify_checkpoint(tmp_path) != digest
