@@ -118,8 +118,8 @@ def _tune_seed(config: settings.RunConfig, workdir: pathlib.Path, updates, finet
     setup = pipeline.setup(config)
     state = pipeline.restore_model(workdir, "poisoned", config)
     params, stats = state.params, state.batch_stats
-    masks = pipeline.load_trees(workdir / "masks.npz", params)
-    hessian = pipeline.load_trees(workdir / "curvature.npz", params)["hessian"]
+    masks = pipeline.stage_arrays("select", config, workdir)
+    hessian = pipeline.stage_arrays("curvature", config, workdir)["hessian"]
     score = _Scorer(setup, config, stats)
     apply = pipeline.Updates(setup, config, state, hessian)
     results = {"poisoned": score(params), "updates": {}}

@@ -4,24 +4,35 @@ jaxforget run trains the paper's CNN on the embedded MNIST subset with a poisone
 or a backdoor), retrains the clean reference, estimates the curvature, selects the same fraction of parameters by
 every rule, unlearns with every update, and prints one table (also written as results.json, results.md and
 results.png under --out). Checkpoints and stage records go to --workdir: a rerun resumes after the last finished
-stage, and a changed setting reruns only the stages that depend on it. jaxforget train|curvature|select|unlearn|
-evaluate run one stage each, on the same files.
+stage, a changed setting reruns only the stages that depend on it, and an output found corrupt is recomputed.
+jaxforget train|curvature|select|unlearn|evaluate run one stage each, on the same files.
+
+Exit status: 0 done; 1 --check-reproduction found differences beyond floating-point drift; 2 a bad option, file or
+setting (one line on standard error names it and the fix); 130 interrupted (finished stages are kept).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import pathlib
-import platform
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
 from jaxforget import __version__
 
 _LISTS = ("selections", "updates", "cg_selections")
+_STAGE_HELP = {
+    "train": "train the poisoned model and the retrained reference (orbax checkpoints in --workdir)",
+    "curvature": "estimate the Hessian diagonal and the baselines' scores at the poisoned parameters",
+    "select": "turn each selection rule into a mask at --budget",
+    "unlearn": "apply every update with every mask",
+    "evaluate": "score every model and write the results to --out",
+}
 
 
 def _help(name: str) -> str:
@@ -49,24 +60,28 @@ def _value_type(field) -> type:
     return hint
 
 
-def _options() -> argparse.ArgumentParser:
-    from jaxforget.settings import SELECTIONS, STAGES, UPDATES, RunConfig
+def _settings_parser(names: Sequence[str]) -> argparse.ArgumentParser:
+    """A parent parser with an option for every RunConfig field, and ``--seeds``; only the fields in ``names``
+    show in ``--help`` (the others are accepted, so that one command line serves every stage)."""
+    from jaxforget.settings import SELECTIONS, UPDATES, RunConfig
 
     parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("settings (shared by every stage; a changed setting reruns what depends on it)")
+    group = parent.add_argument_group("settings (a changed setting reruns what depends on it)")
     for field in dataclasses.fields(RunConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default
-        text = f"{_help(field.name)} (default: %(default)s)"
+        shown = field.name in names
+        text = f"{_help(field.name)} (default: %(default)s)" if shown else argparse.SUPPRESS
         if field.name in _LISTS:
             choices = ", ".join(SELECTIONS if "selections" in field.name else UPDATES)
-            group.add_argument(flag, default=",".join(default), metavar="A,B,...", help=f"{text}; from: {choices}")
+            text = f"{text}; from: {choices}" if shown else text
+            group.add_argument(flag, default=",".join(default), metavar="A,B,...", help=text)
         elif isinstance(default, bool):
-            group.add_argument(flag, action="store_true", help=_help(field.name))
+            group.add_argument(flag, action="store_true", help=_help(field.name) if shown else text)
         elif field.name == "data_dir":
-            group.add_argument(flag, default=None, metavar="DIR", help=_help(field.name))
+            group.add_argument(flag, default=None, metavar="DIR", help=_help(field.name) if shown else text)
         elif default is None:
-            group.add_argument(flag, type=_value_type(field), default=None, help=_help(field.name))
+            group.add_argument(flag, type=_value_type(field), default=None, help=_help(field.name) if shown else text)
         else:
             group.add_argument(flag, type=_value_type(field), default=default, help=text)
     group.add_argument(
@@ -75,28 +90,66 @@ def _options() -> argparse.ArgumentParser:
         metavar="S,T,...",
         help="several seeds (each run in WORKDIR/seed-S); the table shows means and 95%% intervals (overrides --seed)",
     )
+    return parent
+
+
+def _files_parser(*, results: bool) -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
     files = parent.add_argument_group("files and output")
     files.add_argument("--workdir", default="runs/work", help="checkpoints and stage records (default: %(default)s)")
     files.add_argument(
-        "--out", default="runs/latest", help="results.json, results.md and results.png (default: %(default)s)"
+        "--no-wait",
+        action="store_true",
+        help="fail at once if another jaxforget run is using --workdir (default: wait for it)",
     )
-    files.add_argument("--quiet", action="store_true", help="print only the final table")
+    files.add_argument(
+        "--out",
+        default="runs/latest",
+        help="results.json, results.md and results.png (default: %(default)s)" if results else argparse.SUPPRESS,
+    )
+    files.add_argument(
+        "--check-reproduction",
+        default=None,
+        metavar="PATH",
+        help="compare the results with those in PATH (a results folder or results.json written by the same "
+        "command elsewhere) and list the differences beyond floating-point drift; exit status 1 if any"
+        if results
+        else argparse.SUPPRESS,
+    )
+    files.add_argument("--quiet", action="store_true", help="print only the final table and notices")
+    return parent
+
+
+def _options() -> argparse.ArgumentParser:
+    from jaxforget.settings import STAGES, RunConfig, stage_options
 
     parser = argparse.ArgumentParser(prog="jaxforget", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"jaxforget {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    everything = [field.name for field in dataclasses.fields(RunConfig)]
     commands.add_parser(
-        "run", parents=[parent], help="every stage in order, resuming; prints the table", description=__doc__
+        "run",
+        parents=[_settings_parser(everything), _files_parser(results=True)],
+        help="every stage in order, resuming; prints the table",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    stage_help = {
-        "train": "train the poisoned model and the retrained reference (orbax checkpoints in --workdir)",
-        "curvature": "estimate the Hessian diagonal and the baselines' scores at the poisoned parameters",
-        "select": "turn each selection rule into a mask at --budget",
-        "unlearn": "apply every update with every mask",
-        "evaluate": "score every model and write the results to --out",
-    }
-    for stage in STAGES:
-        commands.add_parser(stage, parents=[parent], help=stage_help[stage])
+    for index, stage in enumerate(STAGES):
+        before = STAGES[:index]
+        needs = (
+            f"Runs after {', '.join(before)}: each must have finished in --workdir with the same settings "
+            "(`jaxforget run` runs every stage in order)."
+            if before
+            else "The first stage."
+        )
+        commands.add_parser(
+            stage,
+            parents=[_settings_parser(stage_options(stage)), _files_parser(results=stage == "evaluate")],
+            help=_STAGE_HELP[stage],
+            description=f"jaxforget {stage}: {_STAGE_HELP[stage]}. {needs} Listed below are the settings that "
+            "name this stage's inputs and outputs; the others are accepted and ignored, so one command line "
+            "serves every stage.",
+        )
     return parser
 
 
@@ -105,6 +158,8 @@ def _config(args: argparse.Namespace, seed: int):
 
     values = {}
     for field in dataclasses.fields(RunConfig):
+        if not hasattr(args, field.name):
+            continue  # not an option of this stage: its default
         value = getattr(args, field.name)
         if field.name in _LISTS:
             value = tuple(item.strip() for item in value.split(",") if item.strip())
@@ -120,16 +175,34 @@ def _seeds(args: argparse.Namespace) -> list[int]:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise ValueError(f"--seeds: {args.seeds!r} must be comma-separated integers, e.g. 0,1,2.") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds: {args.seeds!r} must list distinct integers, e.g. 0,1,2.")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds: {args.seeds!r} must list distinct non-negative integers, e.g. 0,1,2.")
     return seeds
 
 
-def _versions() -> dict[str, str]:
+def _check_directory(path: pathlib.Path, option: str) -> None:
+    """Raises ``ValueError`` unless ``path`` is a directory this process can create files in, or can be created
+    as one; creates nothing."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is inside {existing}, which is a file"
+        raise ValueError(f"{option}: {path} {where}, not a directory; choose a directory path.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"{option}: cannot create files in {existing} ({error.strerror}); choose a directory you can write to."
+        ) from None
+
+
+def _versions() -> dict[str, str | None]:
     from importlib import metadata
 
-    names = ("jaxforget", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy")
-    found = {}
+    names = ("jaxforget", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy", "chex")
+    found: dict[str, str | None] = {}
     for name in names:
         try:
             found[name] = metadata.version(name)
@@ -138,7 +211,41 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _report(configs, records, compute, curvature, out: pathlib.Path, seconds: float, argv) -> None:
+def _cpu() -> dict:
+    """The CPU's model name and the vector instruction sets that change XLA's code (from /proc/cpuinfo on Linux)."""
+    import platform
+
+    info = {"model": platform.processor() or platform.machine(), "instruction_sets": []}
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return info
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    info["model"] = fields.get("model name", info["model"])
+    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "asimd", "sve")
+    flags = set(fields.get("flags", fields.get("Features", "")).split())
+    info["instruction_sets"] = [name for name in wanted if name in flags]
+    return info
+
+
+def _machine() -> dict:
+    import platform
+
+    import jax
+
+    return {
+        "platform": platform.platform(),
+        "cpu": _cpu(),
+        "cpus": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "devices": [f"{d.platform}:{d.id} {d.device_kind}" for d in jax.devices()],
+        "python": platform.python_version(),
+        "xla_flags": os.environ.get("XLA_FLAGS"),
+    }
+
+
+def _report(configs, records, compute, curvature, out: pathlib.Path, seconds: float, argv) -> dict:
     from jaxforget import report
 
     config = configs[0]
@@ -148,21 +255,13 @@ def _report(configs, records, compute, curvature, out: pathlib.Path, seconds: fl
         f"jaxforget: {config.model} on {config.dataset}, {config.scenario} group of {config.group_size}, "
         f"budget {config.budget:g}, seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}"
     )
-    import jax
-
     record = {
         "config": {**dataclasses.asdict(config), "seeds": seeds},
         "seconds": seconds,
-        "stage_seconds": compute,
+        "stage_seconds": compute,  # per seed: the seconds each stage took when it ran
         "curvature": curvature,  # per seed: samples, share of exact zeros, seconds per estimator
         "command": " ".join(["jaxforget", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "devices": [str(d) for d in jax.devices()],
-            "python": platform.python_version(),
-        },
+        "machine": _machine(),
         "versions": _versions(),
         "per_seed": [r["rows"] for r in records],
     }
@@ -176,36 +275,72 @@ def _report(configs, records, compute, curvature, out: pathlib.Path, seconds: fl
     print(report.format_table(rows, relearn_cap=config.relearn_steps))
     stage_total = sum(sum(c.values()) for c in compute)
     print(f"\nwrote {', '.join(str(p) for p in paths)} (stages {stage_total:.0f} s; this call {seconds:.0f} s)")
+    return json.loads(paths[0].read_text())
+
+
+def _reference(path: str) -> dict:
+    """The results.json at ``path`` (a file, or a folder holding one), read before any compute."""
+    candidate = pathlib.Path(path)
+    candidate = candidate / "results.json" if candidate.is_dir() else candidate
+    try:
+        return json.loads(candidate.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--check-reproduction: cannot read {candidate} as results.json ({error}).") from None
+
+
+def _run(args: argparse.Namespace, argv) -> int:
+    from jaxforget import reproduction
+    from jaxforget.pipeline import check_setup, run_stage, stage_record
+    from jaxforget.settings import STAGES, check_config
+
+    start = time.perf_counter()
+    seeds = _seeds(args)
+    configs = [_config(args, seed) for seed in seeds]
+    for config in configs:
+        check_config(config)
+    writes_results = args.command in ("run", "evaluate")
+    reference = _reference(args.check_reproduction) if writes_results and args.check_reproduction else None
+    if reference is not None:
+        reproduction.check_comparable(reference, configs[0], seeds)
+    _check_directory(pathlib.Path(args.workdir), "--workdir")
+    if writes_results:
+        _check_directory(pathlib.Path(args.out), "--out")
+    for config in configs:
+        check_setup(config)
+    stages = STAGES if args.command == "run" else (args.command,)
+    last = STAGES.index(stages[-1])
+    records, compute, curvature = [], [], []
+    for config in configs:
+        workdir = pathlib.Path(args.workdir) / f"seed-{config.seed}"
+        for stage in stages:
+            run_stage(stage, config, workdir, quiet=args.quiet, wait=not args.no_wait)
+        stage_records = {stage: stage_record(stage, config, workdir) for stage in STAGES[: last + 1]}
+        records.append(stage_records[stages[-1]])
+        # Seconds the stages took when they ran (a reused stage keeps the time of its first run).
+        compute.append({stage: r["stage_seconds"] for stage, r in stage_records.items()})
+        if "curvature" in stage_records:
+            keep = ("samples", "reference_samples", "zero_share", "seconds", "gradient_seconds")
+            curvature.append({k: stage_records["curvature"].get(k) for k in keep})
+    if not writes_results:
+        return 0
+    results = _report(configs, records, compute, curvature, pathlib.Path(args.out), time.perf_counter() - start, argv)
+    if reference is None:
+        return 0
+    comparison = reproduction.compare(results, reference)
+    print("\n" + reproduction.summary(comparison, args.check_reproduction))
+    return 1 if comparison["beyond_drift"] else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _options().parse_args(argv)
-    from jaxforget.pipeline import run_stage
-    from jaxforget.settings import STAGES, check_config
-
-    start = time.perf_counter()
     try:
-        seeds = _seeds(args)
-        configs = [_config(args, seed) for seed in seeds]
-        for config in configs:
-            check_config(config)
-        stages = STAGES if args.command == "run" else (args.command,)
-        records, compute, curvature = [], [], []
-        for config in configs:
-            workdir = pathlib.Path(args.workdir) / f"seed-{config.seed}"
-            stage_records = {stage: run_stage(stage, config, workdir, quiet=args.quiet) for stage in stages}
-            records.append(stage_records[stages[-1]])
-            # Seconds the stages took when they ran (a reused stage keeps the time of its first run).
-            compute.append({stage: r["stage_seconds"] for stage, r in stage_records.items()})
-            if "curvature" in stage_records:
-                keep = ("samples", "reference_samples", "zero_share", "seconds", "gradient_seconds")
-                curvature.append({k: stage_records["curvature"].get(k) for k in keep})
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, ConnectionError) as error:
+        return _run(args, argv)
+    except KeyboardInterrupt:
+        print("\njaxforget: interrupted; finished stages are kept, rerun to resume", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ModuleNotFoundError, ConnectionError) as error:
         print(f"jaxforget: error: {error}", file=sys.stderr)
         return 2
-    if args.command in ("run", "evaluate"):
-        _report(configs, records, compute, curvature, pathlib.Path(args.out), time.perf_counter() - start, argv)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The main job, stage by stage: train, curvature, select, unlearn, evaluate.
 
-Each stage reads what the previous ones wrote under ``workdir`` and writes its own results there atomically, with a
-key of the settings it depends on. A rerun with the same settings skips every finished stage; a changed setting
-reruns the stages that depend on it; a crash mid-stage loses nothing that was finished. The CLI
+Each stage reads what the previous ones wrote under ``workdir`` and writes its own results there atomically, named by
+a key of the settings it depends on and checksummed (:mod:`jaxforget.workdir`). A rerun with the same settings skips
+every finished stage; a changed setting reruns the stages that depend on it; a crash mid-stage loses nothing that was
+finished; an output found corrupt or missing is recomputed, with the stages after it. The CLI
 (:mod:`jaxforget.cli`) is a thin layer over :func:`run_stage`; the settings live in :mod:`jaxforget.settings`.
 
 The protocol: the training data is split once (the same split for every seed) into the training set proper, a
@@ -17,9 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import pathlib
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +30,6 @@ import numpy as np
 import optax
 
 from jaxforget import checkpoint, curvature, data, metrics, models, scenarios, selection, train, unlearn
-from jaxforget.atomic import open_atomic, write_json_atomic
 from jaxforget.settings import (
     ESTIMATOR_OF,
     FINETUNE_UPDATES,
@@ -45,6 +44,7 @@ from jaxforget.settings import (
     stage_key,
 )
 from jaxforget.timing import time_runs
+from jaxforget.workdir import Workdir
 
 __all__ = [
     "RunConfig",
@@ -54,9 +54,11 @@ __all__ = [
     "run_stage",
     "check_config",
     "setup",
+    "check_setup",
     "Setup",
     "restore_model",
-    "load_trees",
+    "stage_record",
+    "stage_arrays",
     "Updates",
     "all_finite",
 ]
@@ -66,54 +68,46 @@ _CURVATURE_BATCH = 64  # samples per batch of the curvature stream
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Files: stage records, and pytrees of arrays as .npz, all written atomically.
+# Stage records: read through the workdir store, which checks their settings, files and inputs.
 
 
-def _record_path(workdir: pathlib.Path, stage: str) -> pathlib.Path:
-    return workdir / f"{stage}.json"
+def _previous(stage: str, config: RunConfig) -> tuple[tuple[str, str], ...]:
+    """``(name, key)`` of the record ``stage`` is computed from: the stage before it (none for train)."""
+    index = STAGES.index(stage)
+    return () if index == 0 else ((STAGES[index - 1], stage_key(config, STAGES[index - 1])),)
 
 
-def _current_record(path: pathlib.Path, key: str) -> dict | None:
-    """The JSON record at ``path`` if it exists and was written for ``key`` (the same settings), else None."""
-    if not path.exists():
-        return None
-    record = json.loads(path.read_text())
-    return record if record.get("key") == key else None
-
-
-def _finished(workdir: pathlib.Path, stage: str, config: RunConfig) -> dict | None:
-    return _current_record(_record_path(workdir, stage), stage_key(config, stage))
-
-
-def _require(workdir: pathlib.Path, stage: str, config: RunConfig) -> dict:
-    record = _finished(workdir, stage, config)
+def _require(store: Workdir, stage: str, config: RunConfig) -> dict:
+    record = store.record(stage, stage_key(config, stage), then=f"`jaxforget {stage}` or `jaxforget run` recomputes it")
     if record is None:
         raise FileNotFoundError(
-            f"stage {stage!r} has not finished in {workdir} for these settings; run `jaxforget {stage}` (or "
-            f"`jaxforget run`) with the same options first."
+            f"stage {stage!r} has not finished in {store.root} for these settings, or its outputs failed their checks; "
+            f"run `jaxforget {stage}` (or `jaxforget run`) with the same options first."
         )
     return record
 
 
-def _save_trees(path: pathlib.Path, trees: dict[str, PyTree]) -> None:
-    arrays = {}
-    for name, tree in trees.items():
-        for index, leaf in enumerate(jax.tree.leaves(tree)):
-            arrays[f"{name}/{index}"] = np.asarray(leaf)
-    with open_atomic(path, "wb") as stream:
-        np.savez(stream, **arrays)
+def _arrays(store: Workdir, record: dict, like: PyTree) -> dict[str, PyTree]:
+    """The arrays a curvature, select or unlearned-model record describes, checked against its checksum."""
+    return store.load_trees(record["arrays"], record["files"][record["arrays"]], like)
 
 
-def load_trees(path: pathlib.Path, like: PyTree) -> dict[str, PyTree]:
-    """The pytrees a stage saved in the ``.npz`` at ``path`` (e.g. ``curvature.npz``, ``masks.npz``), by name, each
-    with the structure of ``like`` (the params)."""
-    treedef = jax.tree.structure(like)
-    with np.load(path) as stored:
-        names = sorted({key.split("/")[0] for key in stored.files})
-        return {
-            name: jax.tree.unflatten(treedef, [stored[f"{name}/{i}"] for i in range(treedef.num_leaves)])
-            for name in names
-        }
+def stage_record(stage: str, config: RunConfig, workdir: str | os.PathLike) -> dict:
+    """The record ``stage`` wrote for ``config`` in ``workdir``, after checking it and its files.
+
+    Raises:
+      FileNotFoundError: if the stage has not finished with these settings or its outputs failed a check.
+    """
+    return _require(Workdir(workdir), stage, config)
+
+
+def stage_arrays(stage: str, config: RunConfig, workdir: str | os.PathLike) -> dict[str, PyTree]:
+    """The arrays the ``"curvature"`` stage (``{"hessian": ..., "hutchinson": ..., "reference": ...}``) or the
+    ``"select"`` stage (``{rule: mask}``) saved for ``config`` in ``workdir``, checked against their record."""
+    if stage not in ("curvature", "select"):
+        raise ValueError(f"stage={stage!r} saves no arrays; choose 'curvature' or 'select'.")
+    store = Workdir(workdir)
+    return _arrays(store, _require(store, stage, config), _params_like(setup(config), config))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,11 +152,20 @@ def _split_training_data(full: models.Batch, config: RunConfig) -> tuple[models.
     """(training set proper, validation, held-out): stratified, the same for every seed."""
     n = len(full.labels)
     kept = n - config.validation_size - config.holdout_size
-    if kept < config.group_size + config.batch_size:
+    if kept < 2:
         raise ValueError(
-            f"--validation-size {config.validation_size} and --holdout-size {config.holdout_size} leave {kept} of the "
-            f"{n} training samples of {config.dataset}, fewer than --group-size plus --batch-size "
-            f"({config.group_size + config.batch_size}); lower them."
+            f"--validation-size {config.validation_size} and --holdout-size {config.holdout_size} leave {max(kept, 0)} "
+            f"of the {n} training samples of {config.dataset}; together they may be at most {n - 2}."
+        )
+    if config.group_size >= kept:
+        raise ValueError(
+            f"--group-size: {config.group_size} leaves no clean training sample among the {kept} that {config.dataset} "
+            f"keeps for training; the largest valid value is {kept - 1}."
+        )
+    if config.batch_size > kept - config.group_size:
+        raise ValueError(
+            f"--batch-size: {config.batch_size} is larger than the {kept - config.group_size} training samples left "
+            f"without the group (the retrained model's data); the largest valid value is {kept - config.group_size}."
         )
     rest, validation = data.stratified_split(full.labels, config.validation_size / n, seed=0)
     kept_index, holdout = data.stratified_split(full.labels[rest], config.holdout_size / rest.size, seed=1)
@@ -176,12 +179,15 @@ def setup(config: RunConfig) -> Setup:
     test = data.load(config.dataset, "test", data_dir=config.data_dir, download=config.download)
     num_classes = int(max(full.labels.max(), test.labels.max())) + 1
     train_data, validation, holdout = _split_training_data(full, config)
-    if config.scenario == "backdoor":
-        scenario = scenarios.backdoor(
-            train_data, config.group_size, config.seed, target_class=0, correction=config.correction
-        )
-    else:
-        scenario = scenarios.label_flip(train_data, config.group_size, config.seed, num_classes=num_classes)
+    try:
+        if config.scenario == "backdoor":
+            scenario = scenarios.backdoor(
+                train_data, config.group_size, config.seed, target_class=0, correction=config.correction
+            )
+        else:
+            scenario = scenarios.label_flip(train_data, config.group_size, config.seed, num_classes=num_classes)
+    except ValueError as error:  # the group does not fit the samples the scenario may draw from
+        raise ValueError(f"--group-size: {config.group_size} does not fit {config.dataset} ({error})") from None
     model = {
         "cnn": lambda: models.CNN(num_classes=num_classes),
         "mlp": lambda: models.MLP(num_classes=num_classes, hidden=(256,), activation="relu"),
@@ -200,15 +206,41 @@ def setup(config: RunConfig) -> Setup:
     )
 
 
+def check_setup(config: RunConfig) -> None:
+    """Raises ``ValueError`` naming the option, its valid range and the fix for settings that pass
+    :func:`~jaxforget.settings.check_config` but do not fit the data or the model: splits larger than the data, a
+    group or a batch that does not fit, a budget that selects no parameter. Loads the data; computes nothing else."""
+    setup_ = setup(config)
+    total = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(_params_like(setup_, config)))
+    if round(config.budget * total) < 1:
+        raise ValueError(
+            f"--budget: {config.budget:g} selects none of the {total:,} parameters of the {config.model}; the "
+            f"smallest budget that selects one is 1/{total} = {1 / total:.3g}."
+        )
+
+
 def _new_state(setup: Setup, config: RunConfig, tx) -> train.TrainState:
     init = jax.jit(lambda key: train.create_train_state(setup.model, key, setup.input_shape, tx))
     return init(jax.random.key(config.seed))
 
 
+def _params_like(setup_: Setup, config: RunConfig) -> PyTree:
+    """The params' structure, shapes and dtypes, without initializing the model."""
+    init = lambda key: train.create_train_state(setup_.model, key, setup_.input_shape, optax.sgd(0.0))  # noqa: E731
+    return jax.eval_shape(init, jax.random.key(config.seed)).params
+
+
 def restore_model(workdir: str | os.PathLike, name: str, config: RunConfig) -> train.TrainState:
-    """The ``"poisoned"`` or ``"retrained"`` model that the train stage checkpointed in ``workdir``."""
+    """The ``"poisoned"`` or ``"retrained"`` model that the train stage checkpointed in ``workdir`` for ``config``
+    (its files verified against their checksums first).
+
+    Raises:
+      FileNotFoundError: if the train stage has not saved it for these settings.
+      CorruptFileError: if the checkpoint fails its check.
+    """
+    directory = Workdir(workdir).checkpoint_dir(name, stage_key(config, "train"))
     state, _, _ = checkpoint.restore_checkpoint(
-        pathlib.Path(workdir) / name, _new_state(setup(config), config, optax.adam(config.learning_rate))
+        directory, _new_state(setup(config), config, optax.adam(config.learning_rate))
     )
     return state
 
@@ -225,12 +257,18 @@ def _median_seconds(fn: Callable, args: tuple, repeats: int) -> tuple[Any, float
 
 
 class _Log:
+    """Progress lines (silenced by ``quiet``) and notices (always shown, on standard error)."""
+
     def __init__(self, quiet: bool):
         self.quiet = quiet
 
     def __call__(self, message: str) -> None:
         if not self.quiet:
             print(message, flush=True)
+
+    @staticmethod
+    def notice(message: str) -> None:
+        print(f"jaxforget: {message}", file=sys.stderr, flush=True)
 
 
 def _tree_count(tree: PyTree) -> int:
@@ -241,20 +279,52 @@ def _tree_count(tree: PyTree) -> int:
 # Stage 1: train the poisoned model and the retrained reference (same initialization and batch order).
 
 
-def _stage_train(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
+_LONG_SECONDS = 300.0  # a stage estimated to take longer is announced even with --quiet
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def _estimate_training(step: Callable, state, stream, config: RunConfig, models_left: int, log: _Log) -> None:
+    """Times two training steps after compiling one, and announces how long the models left will take."""
+    batch = next(stream)
+    state, _ = jax.block_until_ready(step(state, batch))
+    start = time.perf_counter()
+    for _ in range(2):
+        state, _ = jax.block_until_ready(step(state, batch))
+    per_step = (time.perf_counter() - start) / 2
+    total = per_step * config.train_steps * models_left
+    message = (
+        f"train: {1e3 * per_step:.1f} ms a step here, so about {_duration(total)} for {models_left} model(s) of "
+        f"{config.train_steps} steps ({config.model} on {jax.default_backend()})"
+    )
+    if total > _LONG_SECONDS:
+        log.notice(f"{message}; lower --train-steps (or --width) for a quicker run")
+    else:
+        log(message)
+
+
+def _stage_train(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict, dict]:
     setup_ = setup(config)
     step, evaluate_step = jax.jit(train.train_step), jax.jit(train.eval_step)
     key = stage_key(config, "train")
-    record = {"key": key, "models": {}, "train_samples": len(setup_.scenario.train.labels)}
+    record, files = {"models": {}, "train_samples": len(setup_.scenario.train.labels)}, {}
+    pending = []
     for name, training_set in (("poisoned", setup_.scenario.train), ("retrained", setup_.scenario.clean)):
-        model_record = workdir / f"train-{name}.json"
-        done = _current_record(model_record, key)
-        if done is not None:
-            record["models"][name] = done
-            log(f"train: {name} model already trained (reusing {workdir / name})")
+        done = store.record(name, key)
+        if done is None:
+            pending.append((name, training_set))
             continue
+        record["models"][name] = done
+        files.update(done["files"])
+        log(f"train: {name} model already trained (reusing {store.checkpoint_dir(name, key)})")
+    for index, (name, training_set) in enumerate(pending):
         state = _new_state(setup_, config, optax.adam(config.learning_rate))
         epochs = -(-config.train_steps // (len(training_set.labels) // config.batch_size))  # full batches only
+        if index == 0:
+            probe = data.batches(training_set, config.batch_size, seed=config.seed, epochs=1)
+            _estimate_training(step, state, probe, config, len(pending), log)
         stream = data.batches(training_set, config.batch_size, seed=config.seed, epochs=epochs)
         start = time.perf_counter()
         state, history = train.fit(
@@ -262,19 +332,16 @@ def _stage_train(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
         )
         seconds = time.perf_counter() - start
         accuracy = train.evaluate(state, setup_.validation, evaluate_step)["accuracy"]
+        directory = store.checkpoint_dir(name, key)
         checkpoint.save_checkpoint(
-            workdir / name, state, metadata={"stage_key": key, "config": dataclasses.asdict(config), "model": name}
+            directory, state, metadata={"stage_key": key, "config": dataclasses.asdict(config), "model": name}
         )
-        entry = {
-            "key": key,
-            "seconds": seconds,
-            "final_loss": float(history["loss"][-1]),
-            "validation_accuracy": accuracy,
-        }
-        write_json_atomic(model_record, entry)
-        record["models"][name] = entry
+        relative, digest = store.checkpoint_digest(directory)
+        entry = {"seconds": seconds, "final_loss": float(history["loss"][-1]), "validation_accuracy": accuracy}
+        record["models"][name] = store.write_record(name, key, entry, files={relative: digest})
+        files[relative] = digest
         log(f"train: {name} model, validation accuracy {accuracy:.4f} ({config.train_steps} steps, {seconds:.1f} s)")
-    return record
+    return record, files
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -332,9 +399,9 @@ def _stream(fn: Callable, params, stats, batches: list, key) -> tuple[PyTree, fl
     return jax.block_until_ready(diagonal), time.perf_counter() - start
 
 
-def _stage_curvature(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
+def _stage_curvature(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict, dict]:
     setup_ = setup(config)
-    state = restore_model(workdir, "poisoned", config)
+    state = restore_model(store.root, "poisoned", config)
     params, stats = state.params, state.batch_stats
     scenario = setup_.scenario
     training = scenario.train
@@ -367,10 +434,11 @@ def _stage_curvature(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dic
     batch = _take(training, np.arange(min(config.batch_size, len(training.labels))))
     _, gradient_seconds = _median_seconds(grad, (params, stats, batch), 5)
 
-    _save_trees(workdir / "curvature.npz", {**diagonals, "reference": reference})
+    trees = {**diagonals, "reference": reference}
+    arrays, digest = store.save_trees("curvature", stage_key(config, "curvature"), trees)
     flat = np.concatenate([np.ravel(np.asarray(leaf)) for leaf in jax.tree.leaves(reference)])
     record = {
-        "key": stage_key(config, "curvature"),
+        "arrays": arrays,
         "samples": len(sample.labels),
         "reference_samples": reference_samples,
         "seconds": seconds,
@@ -382,7 +450,7 @@ def _stage_curvature(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dic
         f"curvature: one gradient on {len(batch.labels)} samples takes {1e3 * gradient_seconds:.1f} ms; "
         f"{record['zero_share']:.1%} of the exact diagonal is exactly zero"
     )
-    return record
+    return record, {arrays: digest}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -420,10 +488,11 @@ def _masks(setup_: Setup, config: RunConfig, state: train.TrainState, diagonals:
     return make_mask, last_layers
 
 
-def _stage_select(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
+def _stage_select(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict, dict]:
     setup_ = setup(config)
-    state = restore_model(workdir, "poisoned", config)
-    diagonals = load_trees(workdir / "curvature.npz", state.params)
+    state = restore_model(store.root, "poisoned", config)
+    curvature_record = _require(store, "curvature", config)
+    diagonals = _arrays(store, curvature_record, state.params)
     make_mask, last_layers = _masks(setup_, config, state, diagonals)
     reference_top = selection.select_top(diagonals["reference"], config.budget)
     reference_count = _tree_count(reference_top)
@@ -446,9 +515,9 @@ def _stage_select(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
     if any(entry["selected"] == 0 for entry in summary.values()):
         empty = [name for name, entry in summary.items() if entry["selected"] == 0]
         raise ValueError(f"--budget {config.budget:g} selects no parameter for {', '.join(empty)}; raise it.")
-    _save_trees(workdir / "masks.npz", masks)
+    arrays, digest = store.save_trees("masks", stage_key(config, "select"), masks)
     log(f"select: {len(masks)} masks over {total:,} parameters at budget {config.budget:g}")
-    return {"key": stage_key(config, "select"), "num_params": total, "masks": summary}
+    return {"arrays": arrays, "num_params": total, "masks": summary}, {arrays: digest}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -602,44 +671,41 @@ def all_finite(tree: PyTree) -> bool:
     return all(bool(np.all(np.isfinite(np.asarray(leaf)))) for leaf in jax.tree.leaves(tree))
 
 
-def _stage_unlearn(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
+def _stage_unlearn(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict, dict]:
     setup_ = setup(config)
-    state = restore_model(workdir, "poisoned", config)
-    masks = load_trees(workdir / "masks.npz", state.params)
-    hessian = load_trees(workdir / "curvature.npz", state.params)["hessian"]
+    state = restore_model(store.root, "poisoned", config)
+    masks = _arrays(store, _require(store, "select", config), state.params)
+    hessian = _arrays(store, _require(store, "curvature", config), state.params)["hessian"]
     updates = Updates(setup_, config, state, hessian)
-    key = stage_key(config, "unlearn")
-    (workdir / "unlearned").mkdir(exist_ok=True)
-    record = {"key": key, "methods": {}}
+    inputs = (("select", stage_key(config, "select")), ("curvature", stage_key(config, "curvature")))
+    record, files = {"methods": {}}, {}
     for selection_name, update in methods(config):
         name = _method_name(selection_name, update)
-        path = workdir / "unlearned" / f"{selection_name}--{update}"
-        this_key = method_key(config, selection_name, update)
-        done = _current_record(path.with_suffix(".json"), this_key)
-        if done is not None:
-            record["methods"][name] = done
-            continue
-        mask = masks[selection_name]
-        values = hyperparameters(config, update, selection_name)
-        run, extra = updates.runner(update, mask, values)
-        (new_params, info), seconds = _median_seconds(run, (), config.timing_repeats)
-        if not all_finite(new_params):
-            raise ValueError(
-                f"{name} produced non-finite parameters with {values}; lower the step size (--tau, --finetune-lr) "
-                f"or raise the damping."
-            )
-        _save_trees(path.with_suffix(".npz"), {"params": new_params})
-        entry = {
-            "key": this_key,
-            "seconds": seconds,
-            "hyperparameters": values,
-            "diagnostics": _scalars_to_python({k: np.asarray(v) for k, v in info.items()}),
-            **extra,
-        }
-        write_json_atomic(path.with_suffix(".json"), entry)
-        record["methods"][name] = entry
-        log(f"unlearn: {name:<42} {seconds:7.3f} s")
-    return record
+        output, this_key = f"unlearned/{selection_name}--{update}", method_key(config, selection_name, update)
+        entry = store.record(output, this_key, report_stale=False)  # stale: the stage's own notice says why
+        if entry is None:
+            mask = masks[selection_name]
+            values = hyperparameters(config, update, selection_name)
+            run, extra = updates.runner(update, mask, values)
+            (new_params, info), seconds = _median_seconds(run, (), config.timing_repeats)
+            if not all_finite(new_params):
+                raise ValueError(
+                    f"{name} produced non-finite parameters with {values}; lower the step size (--tau, "
+                    "--finetune-lr) or raise the damping."
+                )
+            arrays, digest = store.save_trees(output, this_key, {"params": new_params})
+            entry = {
+                "seconds": seconds,
+                "hyperparameters": values,
+                "diagnostics": _scalars_to_python({k: np.asarray(v) for k, v in info.items()}),
+                "arrays": arrays,
+                **extra,
+            }
+            entry = store.write_record(output, this_key, entry, files={arrays: digest}, inputs=inputs)
+            log(f"unlearn: {name:<42} {seconds:7.3f} s")
+        files.update(entry["files"])
+        record["methods"][name] = {k: v for k, v in entry.items() if k != "inputs"}
+    return record, files
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -675,14 +741,14 @@ def _selection_cost(name: str, update: str, curvature_record: dict, select_recor
     return sum(seconds[e] for e in estimates) + select_record["masks"][name]["seconds"]
 
 
-def _stage_evaluate(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict:
+def _stage_evaluate(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict, dict]:
     setup_ = setup(config)
     scenario = setup_.scenario
-    poisoned = restore_model(workdir, "poisoned", config)
-    retrained = restore_model(workdir, "retrained", config)
-    curvature_record = _require(workdir, "curvature", config)
-    select_record = _require(workdir, "select", config)
-    unlearn_record = _require(workdir, "unlearn", config)
+    poisoned = restore_model(store.root, "poisoned", config)
+    retrained = restore_model(store.root, "retrained", config)
+    curvature_record = _require(store, "curvature", config)
+    select_record = _require(store, "select", config)
+    unlearn_record = _require(store, "unlearn", config)
     predict = _predictions(setup_)
     group = scenario.poisoned_group
     group_batches = _chunks(group, config.batch_size)
@@ -735,8 +801,8 @@ def _stage_evaluate(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict
     gradient_seconds = curvature_record["gradient_seconds"]
     for selection_name, update in methods(config):
         name = _method_name(selection_name, update)
-        params = load_trees(workdir / "unlearned" / f"{selection_name}--{update}.npz", poisoned.params)["params"]
         entry = unlearn_record["methods"][name]
+        params = _arrays(store, entry, poisoned.params)["params"]
         seconds = entry["seconds"] + _selection_cost(selection_name, update, curvature_record, select_record)
         mask_record = select_record["masks"][selection_name]
         diagnostics = entry["diagnostics"]
@@ -763,7 +829,7 @@ def _stage_evaluate(workdir: pathlib.Path, config: RunConfig, log: _Log) -> dict
     for row in rows:
         restored = metrics.accuracy_restored(row["test_accuracy"], poisoned_accuracy, clean_accuracy)
         row["accuracy_restored"] = None if np.isnan(restored) else restored  # nan: poisoning cost no accuracy
-    return {"key": stage_key(config, "evaluate"), "rows": rows, "relearn_threshold": poisoned_fit}
+    return {"rows": rows, "relearn_threshold": poisoned_fit}, {}
 
 
 _STAGE_FUNCTIONS = {
@@ -775,27 +841,34 @@ _STAGE_FUNCTIONS = {
 }
 
 
-def run_stage(stage: str, config: RunConfig, workdir: str | os.PathLike, *, quiet: bool = False) -> dict:
+def run_stage(
+    stage: str, config: RunConfig, workdir: str | os.PathLike, *, quiet: bool = False, wait: bool = True
+) -> dict:
     """Runs one stage for ``config`` in ``workdir`` (skipped if it already finished with these settings).
 
     The stages before it must have finished (:func:`run_stage` on each, in ``STAGES`` order; ``jaxforget run`` does
-    that). Returns the stage's record, which is also written to ``workdir/<stage>.json``.
+    that). The stage holds ``workdir``'s lock while it runs: another process on the same directory waits, or with
+    ``wait=False`` fails with :class:`~jaxforget.workdir.WorkdirBusyError`. A finished stage whose record or files
+    fail their checks is recomputed, with a one-line notice on standard error.
+
+    Returns:
+      The stage's record, also written to ``workdir/<stage>.<key>.json``.
     """
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r} is not a stage; choose one of {', '.join(STAGES)}.")
     check_config(config)
-    workdir = pathlib.Path(workdir)
-    for before in STAGES[: STAGES.index(stage)]:
-        _require(workdir, before, config)
+    check_setup(config)  # bad data or sizes fail here, before anything is written
     log = _Log(quiet)
-    record = _finished(workdir, stage, config)
-    if record is not None:
-        log(f"{stage}: finished earlier with these settings (reusing {_record_path(workdir, stage)})")
-        return record
-    setup(config)  # bad data or sizes fail here, before anything is written
-    workdir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    record = _STAGE_FUNCTIONS[stage](workdir, config, log)
-    record["stage_seconds"] = time.perf_counter() - start
-    write_json_atomic(_record_path(workdir, stage), record)
-    return record
+    store = Workdir(workdir, notice=log.notice)
+    with store.lock(wait=wait):
+        for before in STAGES[: STAGES.index(stage)]:
+            _require(store, before, config)
+        key = stage_key(config, stage)
+        record = store.record(stage, key)
+        if record is not None:
+            log(f"{stage}: finished earlier with these settings (reusing {store.path(stage, key, '.json')})")
+            return record
+        start = time.perf_counter()
+        record, files = _STAGE_FUNCTIONS[stage](store, config, log)
+        record["stage_seconds"] = time.perf_counter() - start
+        return store.write_record(stage, key, record, files=files, inputs=_previous(stage, config))

@@ -35,6 +35,7 @@ __all__ = [
     "methods",
     "stage_key",
     "method_key",
+    "stage_options",
 ]
 
 # Selection rules. "hessian" is the exact Hessian diagonal: the exact GGN diagonal, equal to it for these networks.
@@ -134,6 +135,32 @@ STAGE_FIELDS = {
     "unlearn": ("updates", "cg_selections"),  # and every method's resolved hyperparameters (see stage_key)
     "evaluate": ("relearn_steps",),
 }
+
+
+# Settings that no stage key names but that decide where the data comes from, or the unlearning hyperparameters
+# (part of every method's key through ``hyperparameters``).
+_DATA_FIELDS = ("data_dir", "download")
+_UPDATE_FIELDS = (
+    "tau",
+    "damping",
+    "finetune_steps",
+    "finetune_lr",
+    "ascent_weight",
+    "cg_damping",
+    "cg_iterations",
+    "hessian_samples",
+)
+
+
+def stage_options(stage: str) -> tuple[str, ...]:
+    """The ``RunConfig`` fields that matter to ``stage``: those its key and the keys of the stages before it
+    depend on (they name the outputs it reads and writes), and the data location."""
+    names = []
+    for before in STAGES[: STAGES.index(stage) + 1]:
+        names += STAGE_FIELDS[before]
+        if before == "unlearn":
+            names += _UPDATE_FIELDS
+    return tuple(f.name for f in dataclasses.fields(RunConfig) if f.name in {*names, *_DATA_FIELDS})
 
 
 def _fail(option: str, message: str) -> None:
