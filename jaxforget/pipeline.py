@@ -157,15 +157,17 @@ def _split_training_data(full: models.Batch, config: RunConfig) -> tuple[models.
             f"--validation-size {config.validation_size} and --holdout-size {config.holdout_size} leave {max(kept, 0)} "
             f"of the {n} training samples of {config.dataset}; together they may be at most {n - 2}."
         )
+    aside = f"once --validation-size {config.validation_size} and --holdout-size {config.holdout_size} are set aside"
     if config.group_size >= kept:
         raise ValueError(
-            f"--group-size: {config.group_size} leaves no clean training sample among the {kept} that {config.dataset} "
-            f"keeps for training; the largest valid value is {kept - 1}."
+            f"--group-size: {config.group_size} leaves no clean sample among the {kept} training samples of "
+            f"{config.dataset} left {aside}; the largest valid value is {kept - 1}."
         )
     if config.batch_size > kept - config.group_size:
         raise ValueError(
-            f"--batch-size: {config.batch_size} is larger than the {kept - config.group_size} training samples left "
-            f"without the group (the retrained model's data); the largest valid value is {kept - config.group_size}."
+            f"--batch-size: {config.batch_size} is larger than the {kept - config.group_size} clean training samples "
+            f"(without the group of --group-size {config.group_size}) left {aside}; the largest valid value is "
+            f"{kept - config.group_size}."
         )
     rest, validation = data.stratified_split(full.labels, config.validation_size / n, seed=0)
     kept_index, holdout = data.stratified_split(full.labels[rest], config.holdout_size / rest.size, seed=1)

@@ -5,9 +5,10 @@ amplifies them until a few borderline samples change their predicted class. :dat
 far two runs of the same command may differ from that cause alone. It was measured by running the default command
 under execution changes that reorder floating-point sums on one machine (one core instead of two; XLA's fast-math
 reassociation), which changed the trained weights in their last bits, and comparing every value with the committed
-two-core run (``experiments/drift.py``; the measured maxima are in ``experiments/results/drift/summary.json``, and a
-test checks that :data:`DRIFT` covers them). Differences beyond it point at something else: another jaxforget, jax
-or data version, or a bug.
+two-core run: 248 and 278 of 411 values differed, test accuracy by up to 0.006 and Z~ accuracy by up to 0.025
+(``experiments/drift.py``; the measured maxima are in ``experiments/results/drift/summary.json``, and a test checks
+that :data:`DRIFT` covers them). Differences beyond it point at something else: another jaxforget, jax or data
+version, or a bug.
 """
 
 from __future__ import annotations
@@ -15,21 +16,24 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["DRIFT", "compare", "summary", "check_comparable"]
+__all__ = ["DRIFT", "compare", "differences", "summary", "check_comparable"]
 
-# Largest absolute difference per metric that floating-point drift alone explains (see the module docstring).
+# Largest absolute difference per metric that floating-point drift alone explains: twice the largest difference
+# measured (see the module docstring). The accuracies move in whole samples (1000 test, 200 in Z~), the relative update
+# norm most for hessian-smallest-nonzero (its near-zero curvatures amplify the last bits), and accuracy_restored is a
+# ratio with a small denominator.
 DRIFT = {
-    "test_accuracy": 0.005,
-    "attack_success": 0.03,
+    "test_accuracy": 0.012,
+    "attack_success": 0.016,
     "group_accuracy": 0.05,
-    "fidelity_test": 0.01,
+    "fidelity_test": 0.012,
     "fidelity_group": 0.05,
     "mia_auc": 0.03,
-    "top_k_recall": 0.05,
+    "top_k_recall": 0.03,
     "fraction": 0.0,
-    "update_norm_relative": 0.2,
-    "relearn_steps": 3,
-    "accuracy_restored": 0.1,
+    "update_norm_relative": 0.85,
+    "relearn_steps": 2,
+    "accuracy_restored": 0.42,
 }
 # Settings that do not change the numbers: where the data lives, and whether tfds may download it.
 _IGNORED_SETTINGS = ("data_dir", "download")
@@ -66,48 +70,53 @@ def _values(row: dict[str, Any], cap: int) -> dict[str, float]:
     return {name: value for name, value in values.items() if isinstance(value, int | float)}
 
 
-def compare(results: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
-    """Every per-seed value of ``results`` against the same value of ``reference`` (two results.json records).
-
-    Returns:
-      ``{"compared", "equal", "within_drift", "beyond_drift": [{"seed", "method", "metric", "value",
-      "reference", "difference", "drift"}], "machines": (this, reference), "versions": (this, reference)}``.
-    """
+def differences(results: dict[str, Any], reference: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every compared value of ``results`` beside the same value of ``reference`` (two results.json records):
+    ``[{"seed", "method", "metric", "value", "reference", "difference"}]``, with ``metric == "row"`` and no values
+    for a method the reference lacks."""
     cap = results.get("config", {}).get("relearn_steps", 0)
     seeds = results.get("config", {}).get("seeds", [])
-    counts = {"compared": 0, "equal": 0, "within_drift": 0}
-    beyond = []
+    found = []
     for index, (rows, reference_rows) in enumerate(zip(results["per_seed"], reference["per_seed"], strict=True)):
         seed = seeds[index] if index < len(seeds) else index
         by_method = {row["method"]: row for row in reference_rows}
         for row in rows:
             other = by_method.get(row["method"])
             if other is None:
-                beyond.append({"seed": seed, "method": row["method"], "metric": "row", "drift": "missing"})
+                found.append({"seed": seed, "method": row["method"], "metric": "row"})
                 continue
             mine, theirs = _values(row, cap), _values(other, cap)
             norm, other_norm = row.get("update_norm"), other.get("update_norm")
             if isinstance(norm, int | float) and isinstance(other_norm, int | float) and other_norm > 0:
                 mine["update_norm_relative"], theirs["update_norm_relative"] = norm / other_norm, 1.0
             for metric in sorted(set(mine) & set(theirs)):
-                counts["compared"] += 1
-                difference = abs(mine[metric] - theirs[metric])
-                if difference == 0:
-                    counts["equal"] += 1
-                elif difference <= DRIFT[metric]:
-                    counts["within_drift"] += 1
-                else:
-                    beyond.append(
-                        {
-                            "seed": seed,
-                            "method": row["method"],
-                            "metric": metric,
-                            "value": mine[metric],
-                            "reference": theirs[metric],
-                            "difference": difference,
-                            "drift": DRIFT[metric],
-                        }
-                    )
+                entry = {"seed": seed, "method": row["method"], "metric": metric}
+                entry.update(value=mine[metric], reference=theirs[metric])
+                found.append({**entry, "difference": abs(mine[metric] - theirs[metric])})
+    return found
+
+
+def compare(results: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Every per-seed value of ``results`` against the same value of ``reference``, classified as equal, within
+    :data:`DRIFT` or beyond it.
+
+    Returns:
+      ``{"compared", "equal", "within_drift", "beyond_drift": [entries of :func:`differences` with "drift"],
+      "machines": (this, reference), "versions": (this, reference)}``.
+    """
+    counts = {"compared": 0, "equal": 0, "within_drift": 0}
+    beyond = []
+    for entry in differences(results, reference):
+        if entry["metric"] == "row":
+            beyond.append({**entry, "drift": "missing"})
+            continue
+        counts["compared"] += 1
+        if entry["difference"] == 0:
+            counts["equal"] += 1
+        elif entry["difference"] <= DRIFT[entry["metric"]]:
+            counts["within_drift"] += 1
+        else:
+            beyond.append({**entry, "drift": DRIFT[entry["metric"]]})
     return {
         **counts,
         "beyond_drift": beyond,

@@ -34,8 +34,10 @@ def test_validation_holdout_training_and_test_are_disjoint_and_the_same_for_ever
 
 
 def test_splits_that_leave_too_little_training_data_are_refused_naming_the_options():
-    with pytest.raises(ValueError, match="--validation-size 900 and --holdout-size 500"):
+    with pytest.raises(ValueError, match="--batch-size: 32 .* --validation-size 900 and --holdout-size 500 .* 18"):
         pipeline.setup(dataclasses.replace(SMALL, validation_size=900, holdout_size=500))
+    with pytest.raises(ValueError, match="--validation-size 1000 and --holdout-size 500 leave 0 .* at most 1436"):
+        pipeline.setup(dataclasses.replace(SMALL, validation_size=1000, holdout_size=500))
 
 
 def test_chunks_keep_the_remainder():
@@ -117,3 +119,14 @@ def test_the_tuned_defaults_are_the_values_the_tuning_experiment_chose():
 def test_bad_settings_name_the_option(change, option):
     with pytest.raises(ValueError, match=option):
         settings.check_config(dataclasses.replace(settings.RunConfig(), **change))
+
+
+def test_the_drift_bound_covers_the_measured_drift():
+    from jaxforget import reproduction
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    summary = json.loads((root / "experiments" / "results" / "drift" / "summary.json").read_text())
+    assert set(summary["largest"]) == set(reproduction.DRIFT)
+    for metric, largest in summary["largest"].items():
+        assert largest <= reproduction.DRIFT[metric], metric
+    assert all(variant["values_differ"] > 0 for variant in summary["variants"].values())  # the variants did drift
