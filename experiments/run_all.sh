@@ -18,9 +18,16 @@ jaxforget run --workdir runs/backdoor --scenario backdoor --correction relabel -
   --updates first-order,diagonal-newton,finetune,finetune-ascent --out experiments/results/backdoor-relabel  # ~25 min
 jaxforget run --workdir runs/backdoor-rt --scenario backdoor --correction remove-trigger --seeds 0,1,2 \
   --updates first-order,diagonal-newton,finetune --out experiments/results/backdoor-remove-trigger  # ~15 min
-# The sweeps work on a copy of the main study's seeds, so that its workdir keeps the study's own stage records.
-mkdir -p runs/sweep-budget runs/sweep && for s in 0 1 2; do cp -r runs/work/seed-$s runs/sweep-budget/; done
+# The sweeps share the main study's workdir (outputs are keyed by their settings): they reuse its models and curvature.
 python experiments/sweep.py budget --values 0.0005,0.001,0.003,0.01,0.1 --seeds 0,1,2 \
-  --workdir runs/sweep-budget                                                                     # ~15 min
-ln -sfn ../sweep-budget runs/sweep/group-200  # the group of 200 is the main study's: reuse its models
-python experiments/sweep.py group-size --values 200,500,1000 --seeds 0,1,2 --workdir runs/sweep     # ~20 min
+  --workdir runs/work                                                                             # ~15 min
+python experiments/sweep.py group-size --values 200,500,1000 --seeds 0,1,2 --workdir runs/work  # ~20 min
+
+# Floating-point drift (the bound of --check-reproduction), and the default command reproducing itself.
+taskset -c 0 jaxforget run --workdir runs/drift/work-1core --out runs/drift/1core --quiet          # ~5 min
+XLA_FLAGS=--xla_cpu_enable_fast_math=true jaxforget run --workdir runs/drift/work-fastmath \
+  --out runs/drift/fastmath --quiet                                                               # ~3.5 min
+python experiments/drift.py runs/drift/1core runs/drift/fastmath --reference experiments/results/default
+jaxforget run --workdir runs/default-new --quiet                                                  # ~3.5 min
+jaxforget evaluate --workdir runs/default-new --out experiments/results/reproduction --quiet \
+  --check-reproduction experiments/results/default

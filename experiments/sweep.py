@@ -7,7 +7,9 @@ not re-tune) over the given seeds, writes that run's results folder under ``--ou
     python experiments/sweep.py budget --values 0.0005,0.001,0.003,0.01,0.1 --seeds 0,1,2   # ~15 min, 2 CPU cores
     python experiments/sweep.py group-size --values 200,500,1000 --seeds 0,1,2                # ~15 min, 2 CPU cores
 
-Budgets reuse the trained models and the curvature of ``--workdir``; each group size trains its own models.
+Every value shares ``--workdir`` (its outputs are keyed by their settings): budgets reuse the trained models and the
+curvature found there, each group size trains its own models, and pointing ``--workdir`` at the main study's reuses
+its group of 200.
 """
 
 from __future__ import annotations
@@ -70,11 +72,8 @@ def main(argv=None) -> int:
         return 0
     summary = {"parameter": args.parameter, "values": values, "seeds": args.seeds, "methods": {}, "baselines": {}}
     for value in values:
-        workdir = pathlib.Path(args.workdir)
-        if args.parameter == "group-size":
-            workdir = workdir / f"group-{value}"
         run_args = ["run", f"--{args.parameter}", str(value), "--seeds", args.seeds, "--updates", args.updates]
-        run_args += ["--workdir", str(workdir), "--out", str(out / str(value)), "--quiet", *extra]
+        run_args += ["--workdir", args.workdir, "--out", str(out / str(value)), "--quiet", *extra]
         print(f"sweep: {args.parameter} = {value}", flush=True)
         if cli.main(run_args) != 0:
             return 2

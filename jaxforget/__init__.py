@@ -4,7 +4,8 @@ The pipeline is curvature (jaxforget.curvature) -> mask (jaxforget.selection) ->
 (jaxforget.masking); each stage is a small pure function on pytrees.
 """
 
-from jaxforget.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from jaxforget.atomic import CorruptFileError
+from jaxforget.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint, verify_checkpoint
 from jaxforget.curvature import (
     accumulate_diagonal,
     exact_diagonal,
@@ -114,6 +115,8 @@ __all__ = [
     "save_checkpoint",
     "restore_checkpoint",
     "latest_checkpoint",
+    "verify_checkpoint",
+    "CorruptFileError",
     "frozen_update",
     "load",
     "TFDS_DATASETS",

@@ -8,7 +8,8 @@ stage, a changed setting reruns only the stages that depend on it, and an output
 jaxforget train|curvature|select|unlearn|evaluate run one stage each, on the same files.
 
 Exit status: 0 done; 1 --check-reproduction found differences beyond floating-point drift; 2 a bad option, file or
-setting (one line on standard error names it and the fix); 130 interrupted (finished stages are kept).
+setting (one line on standard error names it and the fix); 130 interrupted by Ctrl-C, 143 terminated (finished stages
+are kept).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import signal
 import sys
 import tempfile
 import time
@@ -112,7 +114,8 @@ def _files_parser(*, results: bool) -> argparse.ArgumentParser:
         default=None,
         metavar="PATH",
         help="compare the results with those in PATH (a results folder or results.json written by the same "
-        "command elsewhere) and list the differences beyond floating-point drift; exit status 1 if any"
+        "command elsewhere), list the differences beyond floating-point drift (exit status 1 if any) and write "
+        "the comparison to reproduction.json in --out"
         if results
         else argparse.SUPPRESS,
     )
@@ -290,6 +293,7 @@ def _reference(path: str) -> dict:
 
 def _run(args: argparse.Namespace, argv) -> int:
     from jaxforget import reproduction
+    from jaxforget.atomic import write_json_atomic
     from jaxforget.pipeline import check_setup, run_stage, stage_record
     from jaxforget.settings import STAGES, check_config
 
@@ -327,20 +331,40 @@ def _run(args: argparse.Namespace, argv) -> int:
     if reference is None:
         return 0
     comparison = reproduction.compare(results, reference)
+    write_json_atomic(
+        pathlib.Path(args.out) / "reproduction.json", {"reference": args.check_reproduction, **comparison}
+    )
     print("\n" + reproduction.summary(comparison, args.check_reproduction))
     return 1 if comparison["beyond_drift"] else 0
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the run stops as after Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _options().parse_args(argv)
+    handle_term = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if handle_term:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args, argv)
     except KeyboardInterrupt:
         print("\njaxforget: interrupted; finished stages are kept, rerun to resume", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("\njaxforget: terminated; finished stages are kept, rerun to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except (ValueError, OSError, ModuleNotFoundError, ConnectionError) as error:
         print(f"jaxforget: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if handle_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

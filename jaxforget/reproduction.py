@@ -143,10 +143,11 @@ def summary(comparison: dict[str, Any], reference_path: str, shown: int = 10) ->
     if len(beyond) > shown:
         lines.append(f"  ... and {len(beyond) - shown} more")
     mine, theirs = comparison["versions"]
-    differing = sorted(name for name in (mine or {}) if (theirs or {}).get(name) != mine[name])
+    theirs = theirs or {}
+    differing = sorted(name for name in (mine or {}) if theirs.get(name) not in (None, mine[name]))
     if differing:
         lines.append(
             "versions that differ from the reference's: "
-            + ", ".join(f"{name} {mine[name]} (reference {(theirs or {}).get(name)})" for name in differing)
+            + ", ".join(f"{name} {mine[name]} (reference {theirs[name]})" for name in differing)
         )
     return "\n".join(lines)

@@ -199,7 +199,7 @@ class Workdir:
 
         A second process waits (with one ``notice``) or, with ``wait=False``, raises :class:`WorkdirBusyError`
         at once. The same process may nest ``lock`` calls. If the block fails and the directory holds nothing but
-        the lock, which this call created, the directory is removed again.
+        the lock, the directory and the parents this call created are removed again.
         """
         path = self.root / _LOCK
         held = str(path.absolute())
@@ -210,7 +210,7 @@ class Workdir:
             finally:
                 _HELD[held] -= 1
             return
-        created = not self.root.exists()
+        created = [folder for folder in (self.root, *self.root.parents) if not folder.exists()]
         descriptor = self._acquire(path, wait)
         _HELD[held] = 1
         try:
@@ -219,7 +219,8 @@ class Workdir:
             if created and {p.name for p in self.root.iterdir()} <= {_LOCK}:
                 path.unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
-                    self.root.rmdir()
+                    for folder in created:  # innermost first; stops at the first one that is not empty
+                        folder.rmdir()
             raise
         finally:
             del _HELD[held]

@@ -195,11 +195,14 @@ def test_a_killed_run_resumes_to_the_clean_numbers(clean, tmp_path):
     assert _rows(tmp_path / "resumed") == _rows(clean / "out")
 
 
-def test_ctrl_c_ends_in_one_line_and_exit_code_130(clean, tmp_path):
-    process, work, error = _signal_mid_unlearn(clean, tmp_path, signal.SIGINT)
-    assert process.returncode == 130, error
+@pytest.mark.parametrize(
+    ("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_ctrl_c_or_sigterm_ends_in_one_line_and_keeps_what_finished(signum, code, word, clean, tmp_path):
+    process, work, error = _signal_mid_unlearn(clean, tmp_path, signum)
+    assert process.returncode == code, error
     assert "Traceback" not in error
-    assert error.strip().splitlines()[-1] == "jaxforget: interrupted; finished stages are kept, rerun to resume"
+    assert error.strip().splitlines()[-1] == f"jaxforget: {word}; finished stages are kept, rerun to resume"
     assert list((work / "seed-0").glob("unlearned/*.json"))  # kept
     assert _rerun(work, tmp_path / "resumed") == 0
     assert _rows(tmp_path / "resumed") == _rows(clean / "out")
@@ -306,3 +309,28 @@ def test_stage_commands_show_only_their_options_and_what_runs_first(capsys):
     with pytest.raises(SystemExit):
         cli.main(["unlearn", "--help"])
     assert "Runs after train, curvature, select" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
+
+
+def test_a_failed_run_leaves_no_empty_directories(tmp_path):
+    root = tmp_path / "new" / "seed-0"
+    with pytest.raises(RuntimeError, match="power cut"), Workdir(root).lock():
+        assert (root / ".lock").read_text().strip() == str(os.getpid())
+        raise RuntimeError("power cut")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError), Workdir(tmp_path / "kept" / "seed-0").lock():
+        (tmp_path / "kept" / "seed-0" / "output").write_text("finished")
+        raise RuntimeError
+    assert (tmp_path / "kept" / "seed-0" / "output").exists()  # finished work is kept
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_honour_the_umask(umask, mode, tmp_path):
+    from jaxforget.atomic import write_json_atomic
+
+    previous = os.umask(umask)
+    try:
+        path = write_json_atomic(tmp_path / "results.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == mode
