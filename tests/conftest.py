@@ -69,3 +69,53 @@ def small_relu_cnn():
 @pytest.fixture(scope="session")
 def small_tanh_mlp():
     return build(jf.MLP(hidden=(6,), activation="tanh"), (5, 4, 4, 1))
+
+
+# SMALL_RUN with fewer rules: the workdir fault tests rerun it many times.
+FAST_RUN = [*SMALL_RUN, "--selections", "hessian-largest,random,all", "--updates", "first-order,diagonal-newton"]
+
+
+@pytest.fixture(scope="module")
+def cli_numerics():
+    """The CLI's own numerics in this process (float32, threefry keys), not the float64 and rbg keys this file sets,
+    so that in-process runs and subprocess runs of ``jaxforget`` give the same numbers."""
+    saved = jax.config.jax_enable_x64, jax.config.jax_default_prng_impl
+    jax.config.update("jax_enable_x64", False)
+    jax.config.update("jax_default_prng_impl", "threefry2x32")
+    yield
+    jax.config.update("jax_enable_x64", saved[0])
+    jax.config.update("jax_default_prng_impl", saved[1])
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, cli_numerics):
+    """A workdir and results folder of ``jaxforget run`` with FAST_RUN, finished once per module."""
+    from jaxforget import cli
+
+    root = tmp_path_factory.mktemp("clean")
+    assert cli.main(["run", *FAST_RUN, "--workdir", str(root / "work"), "--out", str(root / "out"), "--quiet"]) == 0
+    return root
+
+
+def results_rows(out) -> list[dict]:
+    """The per-seed rows of ``out/results.json`` without the timings (which differ run to run)."""
+    import json
+    import pathlib
+
+    rows = json.loads((pathlib.Path(out) / "results.json").read_text())["per_seed"][0]
+    return [{k: v for k, v in row.items() if k not in ("seconds", "gradient_equivalents")} for row in rows]
+
+
+def copy_workdir(root, tmp_path):
+    """A copy of ``root/work`` (a finished workdir) in ``tmp_path``, to damage."""
+    import shutil
+
+    shutil.copytree(root / "work", tmp_path / "work")
+    return tmp_path / "work"
+
+
+def rerun(work, out, *extra: str) -> int:
+    """``jaxforget run`` with FAST_RUN (and ``extra``) on ``work``, in this process; its exit status."""
+    from jaxforget import cli
+
+    return cli.main(["run", *FAST_RUN, *extra, "--workdir", str(work), "--out", str(out), "--quiet"])
