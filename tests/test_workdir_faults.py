@@ -201,3 +201,10 @@ def test_written_files_honour_the_umask(umask, mode, tmp_path):
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == mode
+
+
+def test_a_process_holding_the_lock_can_run_stages_inside_it(clean_run, tmp_path, capsys):
+    work = copy_workdir(clean_run, tmp_path)
+    with Workdir(work / "seed-0").lock():  # e.g. a script that locks the directory around its own stage calls
+        assert cli.main(["train", *FAST_RUN, "--workdir", str(work), "--no-wait"]) == 0
+    assert "train: finished earlier" in capsys.readouterr().out
