@@ -24,6 +24,7 @@ __all__ = [
     "CNN",
     "MLP",
     "ResNet18",
+    "TransformerLM",
     "Batch",
     "init_model",
     "logits_fn_for",
@@ -128,6 +129,83 @@ class ResNet18(nn.Module):
                 x = _BasicBlock(self.width * 2**stage, strides)(x, train=train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes)(x)
+
+
+class _DecoderBlock(nn.Module):
+    """A pre-LayerNorm decoder block: causal self-attention and a GELU MLP, each added back to its input."""
+
+    features: int
+    heads: int
+    mlp_ratio: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        y = nn.LayerNorm()(x)
+        y = nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.features, deterministic=True)(
+            y, y, mask=mask
+        )
+        x = x + y
+        y = nn.LayerNorm()(x)
+        y = nn.gelu(nn.Dense(self.mlp_ratio * self.features)(y))
+        return x + nn.Dense(self.features)(y)
+
+
+class TransformerLM(nn.Module):
+    """A small decoder-only (causal) Transformer over token ids, for character-level language modelling.
+
+    Token and learned position embeddings, ``layers`` pre-LayerNorm blocks (causal multi-head self-attention, then a
+    GELU MLP of width ``mlp_ratio * features``, each with a residual connection), a final LayerNorm and a dense
+    read-out to ``vocab_size`` logits. Position t's logits predict token t + 1, and depend only on tokens 0..t. It has
+    no dropout and no batch norm, so ``train`` changes nothing and :func:`init_model`, :func:`logits_fn_for`,
+    :func:`loss_fn_for` and :mod:`jaxforget.train` work on it as on the other models, with inputs [B, T] and integer
+    labels [B, T] (the inputs shifted by one)::
+
+        state = create_train_state(TransformerLM(vocab_size=64), jax.random.key(0), (1, 32), optax.adam(1e-3))
+        state, metrics = jax.jit(train_step)(state, Batch(text[:, :-1], text[:, 1:]))
+    """
+
+    vocab_size: int
+    max_length: int = 128
+    features: int = 64
+    heads: int = 4
+    layers: int = 2
+    mlp_ratio: int = 4
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
+        """Next-token logits.
+
+        Args:
+          tokens: token ids [B, T] with T <= ``max_length``; float arrays are cast to int32 (:func:`init_model`
+            initializes on float zeros).
+          train: accepted for the common model interface; it changes nothing.
+
+        Returns:
+          Logits [B, T, vocab_size]; position t scores the token at t + 1.
+
+        Raises:
+          ValueError: if ``tokens`` is not [B, T], T exceeds ``max_length``, or ``features`` is not a multiple of
+            ``heads``.
+        """
+        del train  # no train-time behaviour
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be token ids [B, T]; got shape {tokens.shape}. Add a batch axis.")
+        if tokens.shape[1] > self.max_length:
+            raise ValueError(
+                f"tokens has length {tokens.shape[1]} > max_length={self.max_length}; crop the input or build the "
+                "model with a larger max_length."
+            )
+        if self.features % self.heads:
+            raise ValueError(f"features={self.features} must be a multiple of heads={self.heads}.")
+        tokens = tokens.astype(jnp.int32)
+        positions = jnp.arange(tokens.shape[1])[None, :]
+        x = nn.Embed(self.vocab_size, self.features, name="token_embed")(tokens)
+        x = x + nn.Embed(self.max_length, self.features, name="position_embed")(positions)
+        mask = nn.make_causal_mask(tokens)
+        for i in range(self.layers):
+            x = _DecoderBlock(self.features, self.heads, self.mlp_ratio, name=f"block_{i}")(x, mask)
+        x = nn.LayerNorm()(x)
+        return nn.Dense(self.vocab_size)(x)
 
 
 def init_model(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> dict[str, Any]:
