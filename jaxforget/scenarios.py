@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from jaxforget.models import Batch
+from jaxforget.text import CharVocab, window_starts, windows
 
 __all__ = [
     "Scenario",
@@ -446,3 +447,233 @@ def poison_like(data: Batch, scenario: Scenario, *, seed: int = 0) -> Batch:
     else:
         poisoned = np.full_like(true, p["target_class"])
     return Batch(np.array(inputs[keep], copy=True), poisoned.astype(labels.dtype))
+
+
+# --- Canary: a secret in the training text (Carlini et al., "The Secret Sharer") -------------------------------------
+
+__all__ += ["CanaryScenario", "CanaryBatches", "canary", "canary_windows", "canary_batches"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CanaryScenario:
+    """A text with a secret inserted a few times, its clean version, and its corrected version.
+
+    Each inserted canary is ``separator + prefix + secret + separator``. The model to repair trains on ``text``; the
+    retrained reference on ``clean_text`` (no canary at all); ``corrected_text`` is ``text`` with every secret
+    replaced by ``replacement`` (same length, so offsets and windows line up with ``text``), the source of Z~.
+
+    Attributes:
+      text: the training text with the canaries in it.
+      clean_text: the text the canaries were inserted into, unchanged.
+      corrected_text: ``text`` with ``replacement`` in every secret span.
+      prefix: the context that precedes the secret, e.g. ``"my credit card number is "``.
+      secret: the secret, ``len(secret)`` characters of ``alphabet``.
+      replacement: another string of ``alphabet`` of the same length, different from ``secret``.
+      positions: int64 [repetitions], increasing: the offset in ``text`` of each canary's first character (its
+        leading separator).
+      alphabet: the characters a secret is drawn from.
+      separator: what surrounds each canary.
+    """
+
+    text: str
+    clean_text: str
+    corrected_text: str
+    prefix: str
+    secret: str
+    replacement: str
+    positions: np.ndarray
+    alphabet: str = "0123456789"
+    separator: str = "\n"
+
+    def __post_init__(self):
+        positions = np.asarray(self.positions)
+        if positions.ndim != 1 or positions.size == 0 or not np.issubdtype(positions.dtype, np.integer):
+            raise ValueError(f"positions must be a non-empty 1-D array of int offsets; got shape {positions.shape}.")
+        if len(self.replacement) != len(self.secret) or self.replacement == self.secret:
+            raise ValueError("replacement must have the secret's length and differ from it.")
+        object.__setattr__(self, "positions", positions.astype(np.int64))
+
+    @property
+    def canary_length(self) -> int:
+        """Characters in one inserted canary: ``len(separator + prefix + secret + separator)``."""
+        return 2 * len(self.separator) + len(self.prefix) + len(self.secret)
+
+    @property
+    def secret_spans(self) -> np.ndarray:
+        """int64 [repetitions, 2]: the half-open ``[start, stop)`` offsets of each secret in ``text`` (and in
+        ``corrected_text``, where ``replacement`` sits instead)."""
+        starts = self.positions + len(self.separator) + len(self.prefix)
+        return np.stack([starts, starts + len(self.secret)], axis=1)
+
+
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int.")
+
+
+def canary(
+    text: str,
+    seed: int,
+    *,
+    repetitions: int = 4,
+    secret_length: int = 8,
+    prefix: str = "my credit card number is ",
+    alphabet: str = "0123456789",
+    separator: str = "\n",
+) -> CanaryScenario:
+    """Inserts a random secret into ``text`` ``repetitions`` times, as ``separator + prefix + secret + separator``.
+
+    The secret and the replacement are drawn uniformly from ``alphabet ** secret_length`` (the replacement among the
+    strings other than the secret). The canaries go ANYWHERE, not only at line boundaries: the insertion offsets
+    into ``text`` are drawn uniformly among all sets of ``repetitions`` offsets in ``[0, len(text)]`` that lie at
+    least one canary length (``len(separator + prefix + secret + separator)``) apart, so that every canary is
+    surrounded by original text and the separators make it a line of its own even inside a line. The same text and
+    seed always give the same scenario.
+
+    Args:
+      text: the clean training text.
+      seed: seeds ``numpy.random.default_rng`` (secret, then replacement, then offsets).
+      repetitions: how many times the canary is inserted, >= 1.
+      secret_length: characters in the secret, >= 1.
+      prefix: the text before the secret.
+      alphabet: the characters of the secret: at least two, each once.
+      separator: the text around each canary.
+
+    Returns:
+      A ``CanaryScenario``.
+
+    Raises:
+      ValueError: a bad argument (named), or ``text`` too short to hold the canaries that far apart.
+      TypeError: ``seed`` is not an int.
+    """
+    _check_seed(seed)
+    _check_count("repetitions", repetitions)
+    _check_count("secret_length", secret_length)
+    for name, value in (("text", text), ("prefix", prefix), ("alphabet", alphabet), ("separator", separator)):
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a str; got {type(value).__name__}.")
+    if len(alphabet) < 2 or len(set(alphabet)) != len(alphabet):
+        raise ValueError(
+            f"alphabet={alphabet!r} must hold at least two distinct characters, each once (a replacement must differ "
+            "from the secret), e.g. '0123456789'."
+        )
+    size = 2 * len(separator) + len(prefix) + secret_length
+    if len(text) < (repetitions - 1) * size:
+        raise ValueError(
+            f"text has {len(text)} characters; {repetitions} canaries of {size} characters, at least {size} apart, "
+            f"need at least {(repetitions - 1) * size}. Pass a longer text or lower repetitions."
+        )
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list(alphabet))
+    secret = "".join(letters[rng.integers(len(alphabet), size=secret_length)])
+    replacement = secret
+    while replacement == secret:
+        replacement = "".join(letters[rng.integers(len(alphabet), size=secret_length)])
+    # Offsets x_0 < ... < x_{k-1} in [0, n] with gaps >= size are x_i = y_i + i * (size - 1) for distinct sorted y_i
+    # in [0, n - (k - 1) * (size - 1)]: a uniform draw of the y gives a uniform draw of the x.
+    steps = np.arange(repetitions) * (size - 1)
+    offsets = np.sort(rng.choice(len(text) - int(steps[-1]) + 1, size=repetitions, replace=False)) + steps
+
+    def insert(value: str) -> str:
+        pieces = [text[: offsets[0]]]
+        for start, stop in zip(offsets, [*offsets[1:], len(text)], strict=True):
+            pieces += [separator, prefix, value, separator, text[start:stop]]
+        return "".join(pieces)
+
+    return CanaryScenario(
+        text=insert(secret),
+        clean_text=text,
+        corrected_text=insert(replacement),
+        prefix=prefix,
+        secret=secret,
+        replacement=replacement,
+        positions=offsets + np.arange(repetitions) * size,
+        alphabet=alphabet,
+        separator=separator,
+    )
+
+
+def canary_windows(scenario: CanaryScenario, length: int, stride: int | None = None) -> np.ndarray:
+    """The windows of ``scenario.text`` that contain the canary: Z.
+
+    Windows are those :func:`jaxforget.text.windows` cuts (rows of ``length + 1`` characters from ``window_starts``).
+    A window contains the canary when any of its ``length + 1`` characters (inputs or labels) lies in a secret span.
+    These are exactly the windows that differ between ``text`` and ``corrected_text``, so replacing them by the same
+    windows of ``corrected_text`` (Z~) turns the windows of ``text`` into those of ``corrected_text``. The prefix and
+    separators alone do not make a window part of Z.
+
+    Args:
+      scenario: from :func:`canary`.
+      length: tokens per input row.
+      stride: offset between windows; defaults to ``length``.
+
+    Returns:
+      Sorted, distinct int64 window indices.
+
+    Raises:
+      ValueError: as :func:`jaxforget.text.window_starts`, or a secret character that is no window's label (it lies
+        after the last full window, or in a gap left by ``stride > length``), so the model would never learn it.
+    """
+    starts = window_starts(len(scenario.text), length, stride)
+    spans = scenario.secret_spans
+    # Window i covers [starts[i], starts[i] + length]; it meets span [a, b) iff starts[i] <= b - 1 and a <= starts[i]
+    # + length.
+    hits = (starts[:, None] <= spans[None, :, 1] - 1) & (spans[None, :, 0] <= starts[:, None] + length)
+    label_stop = starts[:, None] + length + 1
+    secret_offsets = np.concatenate([np.arange(a, b) for a, b in spans])
+    learned = ((starts[:, None] + 1 <= secret_offsets) & (secret_offsets < label_stop)).any(axis=0)
+    if not learned.all():
+        raise ValueError(
+            f"the secret characters at offsets {secret_offsets[~learned].tolist()} are no window's label (after the "
+            f"last full window, or in a gap between windows); use stride <= length={length}, or another seed."
+        )
+    return np.flatnonzero(hits.any(axis=1)).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CanaryBatches:
+    """The canary scenario as next-character ``Batch``es (int32 [rows, length] inputs and labels).
+
+    Attributes:
+      train: D, every window of ``scenario.text``, the training set of the model to repair.
+      group: Z's indices into ``train`` (:func:`canary_windows`).
+      poisoned_group: Z, the rows of ``train`` at ``group``.
+      corrected: Z~, the same windows cut from ``corrected_text``, aligned row for row with ``poisoned_group``.
+      clean: every window of ``clean_text``: the training set of the retrained reference (no canary at all; its rows
+        do not line up with ``train``'s).
+    """
+
+    train: Batch
+    group: np.ndarray
+    poisoned_group: Batch
+    corrected: Batch
+    clean: Batch
+
+
+def canary_batches(scenario: CanaryScenario, vocab: CharVocab, length: int, stride: int | None = None) -> CanaryBatches:
+    """Cuts the canary scenario's texts into windows (see :func:`canary_windows` for which rows form Z).
+
+    Args:
+      scenario: from :func:`canary`.
+      vocab: encodes all three texts: build it from ``scenario.text`` with the alphabet in ``extra`` (the digits are
+        by default), so that the replacement is encodable too.
+      length: tokens per input row.
+      stride: offset between windows; defaults to ``length``.
+
+    Returns:
+      A ``CanaryBatches`` of numpy arrays.
+
+    Raises:
+      ValueError: a character outside ``vocab``, or as :func:`canary_windows`.
+    """
+    group = canary_windows(scenario, length, stride)
+    train = windows(vocab.encode(scenario.text), length, stride)
+    corrected = windows(vocab.encode(scenario.corrected_text), length, stride)
+    return CanaryBatches(
+        train=train,
+        group=group,
+        poisoned_group=_take(train, group),
+        corrected=_take(corrected, group),
+        clean=windows(vocab.encode(scenario.clean_text), length, stride),
+    )
