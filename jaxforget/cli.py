@@ -254,8 +254,12 @@ def _report(configs, records, compute, curvature, out: pathlib.Path, seconds: fl
     config = configs[0]
     rows = report.aggregate([r["rows"] for r in records], relearn_cap=config.relearn_steps)
     seeds = [c.seed for c in configs]
+    if config.scenario == "canary":
+        group = f"a {config.secret_length}-digit canary inserted {config.repetitions} times"
+    else:
+        group = f"{config.scenario} group of {config.group_size}"
     title = (
-        f"jaxforget: {config.model} on {config.dataset}, {config.scenario} group of {config.group_size}, "
+        f"jaxforget: {config.model} on {config.dataset}, {group}, "
         f"budget {config.budget:g}, seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}"
     )
     record = {

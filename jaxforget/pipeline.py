@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxforget import checkpoint, curvature, data, metrics, models, scenarios, selection, train, unlearn
+from jaxforget import checkpoint, curvature, data, exposure, metrics, models, scenarios, selection, text, train, unlearn
 from jaxforget.settings import (
     ESTIMATOR_OF,
     FINETUNE_UPDATES,
@@ -127,6 +127,8 @@ class Setup:
       non_members: part of ``attack``, as many as Z: the membership-inference non-members.
       model: the Flax model.
       input_shape: ``(1, *sample_shape)``.
+      canary: the canary scenario's texts and secret (``None`` for the image scenarios).
+      vocab: the canary scenario's character vocabulary.
     """
 
     scenario: scenarios.Scenario
@@ -137,6 +139,8 @@ class Setup:
     non_members: models.Batch
     model: Any
     input_shape: tuple[int, ...]
+    canary: scenarios.CanaryScenario | None = None
+    vocab: text.CharVocab | None = None
 
 
 def _take(batch: models.Batch, index: np.ndarray) -> models.Batch:
@@ -174,9 +178,58 @@ def _split_training_data(full: models.Batch, config: RunConfig) -> tuple[models.
     return _take(full, rest[kept_index]), _take(full, validation), _take(full, rest[holdout])
 
 
+# The canary scenario's text, split by position: training, validation (tuning), held out (membership non-members),
+# test (final scores only).
+_TEXT_SPLITS = (0.85, 0.05, 0.05, 0.05)
+
+
+def _text_setup(config: RunConfig) -> Setup:
+    """The canary scenario: the corpus split by position, the canary in the training part, windows of
+    ``--context`` characters, and a character-level Transformer."""
+    corpus = text.load_corpus(config.dataset, data_dir=config.data_dir, download=config.download)
+    vocab = text.build_vocab(corpus)
+    train_text, validation_text, holdout_text, test_text = text.split_by_position(corpus, _TEXT_SPLITS)
+    story = scenarios.canary(
+        train_text, config.seed, repetitions=config.repetitions, secret_length=config.secret_length
+    )
+    cut = scenarios.canary_batches(story, vocab, config.context)
+    scenario = scenarios.Scenario(
+        name="canary",
+        train=cut.train,
+        group=cut.group,
+        corrected=cut.corrected,
+        params={"repetitions": config.repetitions, "secret_length": config.secret_length, **text.corpus_record(corpus)},
+    )
+    clean_rows = len(cut.train.labels) - scenario.size
+    if config.batch_size > clean_rows:
+        raise ValueError(
+            f"--batch-size: {config.batch_size} is larger than the {clean_rows} training windows without the "
+            f"canary; the largest valid value is {clean_rows}."
+        )
+
+    def windows_of(part: str) -> models.Batch:
+        return text.windows(vocab.encode(part), config.context)
+
+    validation, holdout = windows_of(validation_text), windows_of(holdout_text)
+    return Setup(
+        scenario=scenario,
+        test=windows_of(test_text),
+        validation=validation,
+        validation_twin=validation,
+        attack=holdout,
+        non_members=_subset(holdout, scenario.size, config.seed + 2),
+        model=models.TransformerLM(vocab_size=vocab.size, max_length=config.context),
+        input_shape=(1, config.context),
+        canary=story,
+        vocab=vocab,
+    )
+
+
 @functools.lru_cache(maxsize=4)
 def setup(config: RunConfig) -> Setup:
     """Loads the data, splits it, builds the scenario and the model (cached per configuration)."""
+    if config.scenario == "canary":
+        return _text_setup(config)
     full = data.load(config.dataset, "train", data_dir=config.data_dir, download=config.download)
     test = data.load(config.dataset, "test", data_dir=config.data_dir, download=config.download)
     num_classes = int(max(full.labels.max(), test.labels.max())) + 1
@@ -350,12 +403,29 @@ def _stage_train(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict, di
 # Stage 2: curvature estimates at the poisoned parameters, streamed over the whole training set.
 
 
+# For a language model the exact Hessian diagonal is out of reach (and differs from the exact GGN's: GELU, softmax
+# attention and LayerNorm are not piecewise linear), so the Hessian rule ranks by Hutchinson's unbiased estimate
+# with this many times the baseline's probes.
+_LANGUAGE_HESSIAN_PROBES = 4
+
+
+def hessian_estimator(config: RunConfig) -> str:
+    """What the ``hessian`` curvature (the Hessian rules' scores) is for ``config``, for the records."""
+    if config.model == "transformer":
+        return f"Hutchinson, {_LANGUAGE_HESSIAN_PROBES * config.probes} probes per batch of {_CURVATURE_BATCH}"
+    return "exact GGN diagonal (= the exact Hessian diagonal for these piecewise-linear networks)"
+
+
 def _estimators(model, probes: int) -> dict[str, Callable]:
     """Jitted ``estimator(params, batch_stats, batch, key) -> diagonal``, each on the mean loss over ``batch``;
     ``"unlearning-gradient"`` takes the pair ``(Z, Z~)`` as its batch."""
 
     def hessian(params, stats, batch, key):
-        del key
+        if isinstance(model, models.TransformerLM):  # see hessian_estimator
+            loss_fn = models.loss_fn_for(model, stats)
+            return curvature.hutchinson_diagonal(
+                loss_fn, params, batch, key, num_probes=_LANGUAGE_HESSIAN_PROBES * probes
+            )
         return curvature.ggn_diagonal(models.logits_fn_for(model, stats), params, batch.inputs)
 
     def hutchinson(params, stats, batch, key):
@@ -425,8 +495,9 @@ def _stage_curvature(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict
             diagonals[name], seconds[name] = _stream(estimators[name], params, stats, batches, key)
             samples = sum(len(b.labels) for b in batches)
         log(f"curvature: {name} on {samples} samples in {seconds[name]:.2f} s")
-    if config.curvature_samples == 0:
-        reference, reference_samples = diagonals["hessian"], len(training.labels)
+    if config.curvature_samples == 0 or isinstance(setup_.model, models.TransformerLM):
+        # A language model has no exact diagonal to score against: recall is against the Hessian rule's estimate.
+        reference, reference_samples = diagonals["hessian"], len(sample.labels)
     else:  # the selection quality is always scored against the whole training loss's diagonal
         reference, _ = _stream(estimators["hessian"], params, stats, _chunks(training, _CURVATURE_BATCH), key)
         reference_samples = len(training.labels)
@@ -441,6 +512,7 @@ def _stage_curvature(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict
     flat = np.concatenate([np.ravel(np.asarray(leaf)) for leaf in jax.tree.leaves(reference)])
     record = {
         "arrays": arrays,
+        "hessian_estimator": hessian_estimator(config),
         "samples": len(sample.labels),
         "reference_samples": reference_samples,
         "seconds": seconds,
@@ -715,13 +787,14 @@ def _stage_unlearn(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict, 
 
 
 def _predictions(setup_: Setup):
-    """``(params, stats, batch) -> (predicted classes, per-sample losses)``, jitted, in chunks of 500."""
+    """``(params, stats, batch) -> (predicted classes, per-sample losses)``, jitted, in chunks of 500. For a
+    language model the predictions are per token and the loss of a window is the mean over its tokens."""
 
     @jax.jit
     def predict(params, stats, inputs, labels):
         logits = models.logits_fn_for(setup_.model, stats)(params, inputs)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return jnp.argmax(logits, -1), losses
+        return jnp.argmax(logits, -1), losses.reshape(losses.shape[0], -1).mean(axis=1)
 
     def run(params, stats, batch: models.Batch, size: int = 500):
         outputs = [
@@ -731,6 +804,36 @@ def _predictions(setup_: Setup):
         return np.concatenate([np.asarray(o[0]) for o in outputs]), np.concatenate([np.asarray(o[1]) for o in outputs])
 
     return run
+
+
+_EXACT_EXPOSURE_SPACE = 10**6  # up to this many candidate secrets, exposure is exact by enumeration
+
+
+def _canary_scores(setup_: Setup, config: RunConfig):
+    """``(params, test losses) -> scores``: the canary's exposure (exact by enumeration up to 10^6 candidates, else
+    the skew-normal estimate), the secret digits greedy decoding after the prefix reproduces, and bits per
+    character on the test text."""
+    story, vocab, model = setup_.canary, setup_.vocab, setup_.model
+    log_probs = jax.jit(lambda params, tokens: jax.nn.log_softmax(model.apply({"params": params}, tokens)))
+    prompt = vocab.encode(story.separator + story.prefix)
+    secret, alphabet = vocab.encode(story.secret), vocab.encode(story.alphabet)
+    exact = len(story.alphabet) ** len(story.secret) <= _EXACT_EXPOSURE_SPACE
+
+    def scores(params, test_losses) -> dict:
+        fn = functools.partial(log_probs, params)
+        limit = {"max_length": config.context}
+        if exact:
+            found = exposure.exact_rank_and_exposure(fn, prompt, secret, alphabet, **limit)
+        else:
+            found = exposure.estimated_exposure(fn, prompt, secret, alphabet, jax.random.key(config.seed), **limit)
+        extracted = exposure.greedy_extraction(fn, prompt, secret, alphabet, **limit)
+        return {
+            "exposure": float(found["exposure"]),
+            "attack_success": extracted["digits_correct"] / len(story.secret),
+            "bits_per_char": text.bits_per_character(float(np.mean(test_losses))),
+        }
+
+    return scores
 
 
 def _selection_cost(name: str, update: str, curvature_record: dict, select_record: dict) -> float:
@@ -762,8 +865,10 @@ def _stage_evaluate(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict,
     # Relearning: steps on Z (its poisoned labels) until Z is fit as well as the poisoned model fits it.
     poisoned_fit = metrics.accuracy(predict(poisoned.params, poisoned.batch_stats, group)[0], group.labels)
 
+    canary_scores = _canary_scores(setup_, config) if setup_.canary is not None else None
+
     def score(params, stats) -> dict:
-        test_pred, _ = predict(params, stats, setup_.test)
+        test_pred, test_losses = predict(params, stats, setup_.test)
         attack_pred, _ = predict(params, stats, setup_.attack)
         fixed_pred, _ = predict(params, stats, scenario.corrected)
         group_pred, member_losses = predict(params, stats, group)
@@ -777,7 +882,7 @@ def _stage_evaluate(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict,
             threshold=poisoned_fit,
             max_steps=config.relearn_steps,
         )
-        return {
+        scores = {
             "test_accuracy": metrics.accuracy(test_pred, setup_.test.labels),
             "attack_success": metrics.accuracy(attack_pred, setup_.attack.labels),
             "group_accuracy": metrics.accuracy(fixed_pred, scenario.corrected.labels),
@@ -786,6 +891,9 @@ def _stage_evaluate(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict,
             "mia_auc": metrics.membership_inference_auc(member_losses, outsider_losses),
             "relearn_steps": relearn.steps if relearn.reached else None,
         }
+        if canary_scores is not None:  # the attack is extraction of the secret; accuracies are per character
+            scores.update(canary_scores(params, test_losses))
+        return scores
 
     rows = []
     for name, model in (("poisoned", poisoned), ("retrained", retrained)):

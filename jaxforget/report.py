@@ -49,7 +49,11 @@ COLUMNS = (
     ("gradient_equivalents", "grad-eq", "{:.0f}"),
     ("update_norm", "|step|", "{:.3g}"),
     ("curvature_share", "curv>10%", "{:.0%}"),
+    ("exposure", "exposure", "{:.2f}"),
+    ("bits_per_char", "bits/char", "{:.3f}"),
 )
+# Scores of one scenario only (the canary's): their columns show only when some row has them.
+_OPTIONAL = ("exposure", "bits_per_char")
 
 # The scores :func:`paired_comparisons` compares by default.
 PAIRED_METRICS = ("group_accuracy", "test_accuracy", "attack_success", "mia_auc", "fidelity_group", "relearn_steps")
@@ -384,8 +388,9 @@ def _cell(row: dict[str, Any], key: str, fmt: str, *, relearn_cap: int) -> str:
 
 
 def _cells(rows: Sequence[dict[str, Any]], relearn_cap: int) -> tuple[list[str], list[list[str]]]:
-    header = ["method"] + [title for _, title, _ in COLUMNS]
-    body = [[_method_label(row)] + [_cell(row, k, f, relearn_cap=relearn_cap) for k, _, f in COLUMNS] for row in rows]
+    columns = [c for c in COLUMNS if c[0] not in _OPTIONAL or any(not _missing(row.get(c[0])) for row in rows)]
+    header = ["method"] + [title for _, title, _ in columns]
+    body = [[_method_label(row)] + [_cell(row, k, f, relearn_cap=relearn_cap) for k, _, f in columns] for row in rows]
     return header, body
 
 

@@ -46,8 +46,11 @@ def check_comparable(reference: dict[str, Any], config, seeds: list[int]) -> Non
     wanted = {**dataclasses.asdict(config), "seeds": list(seeds)}
     wanted.pop("seed")
     stored.pop("seed", None)
-    differ = sorted(
-        name for name in wanted if name not in _IGNORED_SETTINGS and _normal(stored.get(name)) != _normal(wanted[name])
+    defaults = {field.name: field.default for field in dataclasses.fields(config)}
+    differ = sorted(  # a setting the reference predates counts as its default
+        name
+        for name in wanted
+        if name not in _IGNORED_SETTINGS and _normal(stored.get(name, defaults.get(name))) != _normal(wanted[name])
     )
     if differ:
         shown = ", ".join(f"--{name.replace('_', '-')} {stored.get(name)!r}" for name in differ[:4])

@@ -27,6 +27,8 @@ __all__ = [
     "STAGES",
     "MODELS",
     "SCENARIOS",
+    "TEXT_DATASETS",
+    "CANARY_FIELDS",
     "ESTIMATOR_OF",
     "check_config",
     "scenario_name",
@@ -73,8 +75,12 @@ FINETUNE_UPDATES = {
 }
 UPDATES = ("first-order", "diagonal-newton", *FINETUNE_UPDATES, "cg")
 STAGES = ("train", "curvature", "select", "unlearn", "evaluate")
-MODELS = ("cnn", "mlp", "resnet18")
-SCENARIOS = ("backdoor", "label-flip")
+MODELS = ("cnn", "mlp", "resnet18", "transformer")
+SCENARIOS = ("backdoor", "label-flip", "canary")
+TEXT_DATASETS = ("pydoc-topics", "tiny_shakespeare")
+# Settings of the canary scenario only: part of a stage key only when the scenario is canary, so image runs keep
+# their keys (and their workdirs) whatever these defaults are.
+CANARY_FIELDS = ("context", "repetitions", "secret_length")
 CORRECTIONS = ("relabel", "remove-trigger")
 
 
@@ -87,6 +93,9 @@ class RunConfig:
     width: int = 64  # resnet18's base width (64: the standard network; smaller for quick runs)
     scenario: str = "label-flip"  # label-flip (label c -> c+1) or backdoor (a 3x3 trigger patch -> class 0)
     correction: str = "relabel"  # backdoor's Z~: relabel (triggered images, true labels) or remove-trigger
+    context: int = 64  # canary: characters per training window of the language model
+    repetitions: int = 8  # canary: times the secret is inserted into the training text
+    secret_length: int = 4  # canary: digits of the secret (exposure exact by enumeration up to 6 digits)
     group_size: int = 200  # samples in the affected group Z
     validation_size: int = 500  # training samples set aside for tuning (never trained on, never reported)
     holdout_size: int = 500  # training samples set aside for the attack set and membership non-members
@@ -113,6 +122,14 @@ class RunConfig:
     data_dir: str | None = None  # tfds data directory
     download: bool = False  # let tfds download missing data
 
+    def __post_init__(self):
+        # The canary scenario's own defaults for the data set and the model: text, and a language model.
+        if self.scenario == "canary":
+            if self.dataset == "mnist5k":
+                object.__setattr__(self, "dataset", "pydoc-topics")
+            if self.model == "cnn":
+                object.__setattr__(self, "model", "transformer")
+
 
 # The settings each stage depends on (beyond those of the stages before it).
 STAGE_FIELDS = {
@@ -122,6 +139,7 @@ STAGE_FIELDS = {
         "width",
         "scenario",
         "correction",
+        *CANARY_FIELDS,
         "group_size",
         "validation_size",
         "holdout_size",
@@ -169,7 +187,7 @@ def _fail(option: str, message: str) -> None:
 
 def check_config(config: RunConfig) -> None:
     """Raises ``ValueError`` naming the option and the fix for any bad setting, before anything is computed."""
-    names = data.EMBEDDED_DATASETS + data.TFDS_DATASETS
+    names = data.EMBEDDED_DATASETS + data.TFDS_DATASETS + TEXT_DATASETS
     for option, allowed in (
         ("dataset", names),
         ("model", MODELS),
@@ -178,6 +196,17 @@ def check_config(config: RunConfig) -> None:
     ):
         if getattr(config, option) not in allowed:
             _fail(option, f"{getattr(config, option)!r} is not one of {', '.join(allowed)}.")
+    text = config.scenario == "canary"
+    if text != (config.dataset in TEXT_DATASETS):
+        wanted = ", ".join(TEXT_DATASETS) if text else ", ".join(data.EMBEDDED_DATASETS + data.TFDS_DATASETS)
+        _fail("dataset", f"{config.dataset!r} does not fit --scenario {config.scenario}; choose one of {wanted}.")
+    if text != (config.model == "transformer"):
+        wanted = "transformer" if text else "cnn, mlp or resnet18"
+        _fail("model", f"{config.model!r} does not fit --scenario {config.scenario}; choose {wanted}.")
+    for option, low, high in (("context", 16, 1024), ("repetitions", 1, 1000), ("secret_length", 1, 16)):
+        value = getattr(config, option)
+        if not low <= value <= high:
+            _fail(option, f"{value} must lie in [{low}, {high}].")
     if not 0 < config.budget <= 1:
         _fail("budget", f"{config.budget} must be a fraction of the parameters in (0, 1], e.g. 0.01.")
     for option, chosen, allowed in (
@@ -290,6 +319,8 @@ def stage_key(config: RunConfig, stage: str) -> str:
     fields: dict[str, Any] = {}
     for name in STAGES[: STAGES.index(stage) + 1]:
         fields.update({field: getattr(config, field) for field in STAGE_FIELDS[name]})
+    if config.scenario != "canary":
+        fields = {name: value for name, value in fields.items() if name not in CANARY_FIELDS}
     if STAGES.index(stage) >= STAGES.index("unlearn"):
         fields["methods"] = {f"{s}/{u}": hyperparameters(config, u, s) for s, u in methods(config)}
     return _hash(fields)

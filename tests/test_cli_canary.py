@@ -1,0 +1,65 @@
+"""The main job on the canary scenario at a tiny size: a character-level Transformer, a secret in the training text,
+its exposure and extraction after every method (its own file, so that pytest-xdist runs it beside the others)."""
+
+import json
+import math
+
+from jaxforget import cli, pipeline, settings
+
+TINY_CANARY = [
+    "--scenario", "canary", "--context", "32", "--train-steps", "20", "--batch-size", "16", "--probes", "1",
+    "--curvature-samples", "64", "--secret-length", "2", "--repetitions", "4", "--finetune-steps", "2",
+    "--selections", "hessian-largest,random,all", "--updates", "first-order,finetune", "--timing-repeats", "1",
+    "--relearn-steps", "2",
+]  # fmt: skip
+
+
+def test_a_canary_run_scores_exposure_extraction_and_bits_per_character(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["run", *TINY_CANARY, "--workdir", str(tmp_path / "work"), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "transformer on pydoc-topics, a 2-digit canary inserted 4 times" in printed
+    record = json.loads((out / "results.json").read_text())
+    assert record["curvature"][0]["samples"] == 64
+    rows = {row["method"]: row for row in record["per_seed"][0]}
+    assert list(rows) == [
+        "poisoned", "retrained", "hessian-largest/first-order", "random/first-order", "all/first-order",
+        "hessian-largest/finetune", "random/finetune", "all/finetune",
+    ]  # fmt: skip
+    for name, row in rows.items():
+        assert 0.0 <= row["exposure"] <= math.log2(100) + 1e-9, name  # 100 candidate secrets
+        assert row["attack_success"] in {0.0, 0.5, 1.0}, name  # share of the 2 digits greedy decoding reproduces
+        assert 1.0 < row["bits_per_char"] < 8.0, name  # a few bits: better than uniform over ~100 characters
+    # Fine-tuning every parameter moves the model: its canary scores are its own, not copies of the poisoned row's.
+    assert rows["all/finetune"]["bits_per_char"] != rows["poisoned"]["bits_per_char"]
+    assert rows["all/finetune"]["exposure"] != rows["poisoned"]["exposure"]
+    header = (out / "results.md").read_text().splitlines()[2]
+    assert "exposure" in header and "bits/char" in header
+    # The configuration's setup: Z are the windows holding the secret; the Hessian rule's estimator is named.
+    config = cli._config(cli._options().parse_args(["run", *TINY_CANARY]), 0)
+    setup = pipeline.setup(config)
+    poisoned, corrected = setup.scenario.poisoned_group, setup.scenario.corrected
+    assert (poisoned.labels != corrected.labels).any()  # Z~ carries another secret
+    assert (poisoned.inputs[:, 1:] == poisoned.labels[:, :-1]).all()  # next-character windows
+    assert 1 <= setup.scenario.size <= 8
+    assert "Hutchinson" in pipeline.hessian_estimator(config)
+
+
+def test_canary_settings_pick_text_and_a_language_model_and_refuse_mismatches():
+    config = settings.RunConfig(scenario="canary")
+    assert (config.dataset, config.model) == ("pydoc-topics", "transformer")
+    for bad, option in (
+        ({"scenario": "canary", "model": "mlp"}, "--model"),
+        ({"scenario": "label-flip", "dataset": "pydoc-topics"}, "--dataset"),
+        ({"scenario": "canary", "context": 4}, "--context"),
+    ):
+        try:
+            settings.check_config(settings.RunConfig(**bad))
+        except ValueError as error:
+            assert str(error).startswith(option)
+        else:
+            raise AssertionError(f"{bad} was accepted")
+    # Image runs keep their stage keys whatever the canary settings say.
+    assert settings.stage_key(settings.RunConfig(), "evaluate") == settings.stage_key(
+        settings.RunConfig(repetitions=3), "evaluate"
+    )
