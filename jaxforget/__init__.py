@@ -11,13 +11,16 @@ from jaxforget.curvature import (
     exact_diagonal,
     fisher_diagonal,
     ggn_diagonal,
+    ggn_vector_product,
     gnb_diagonal,
     gradient_saliency,
     hutchinson_diagonal,
     hutchinson_diagonal_with_stderr,
+    hutchinson_residual_diagonal,
     hvp,
 )
 from jaxforget.data import EMBEDDED_DATASETS, TFDS_DATASETS, batches, embedded_dataset, load, stratified_split
+from jaxforget.exposure import estimated_exposure, exact_rank_and_exposure, greedy_extraction
 from jaxforget.masking import (
     FreezeState,
     MaskedUpdatesState,
@@ -38,8 +41,18 @@ from jaxforget.metrics import (
     relearning_steps,
     top_k_recall,
 )
-from jaxforget.models import CNN, MLP, Batch, ResNet18, init_model, logits_fn_for, loss_fn_for
-from jaxforget.scenarios import Scenario, backdoor, label_flip, poison_like, stamp_trigger, triggered_test_set
+from jaxforget.models import CNN, MLP, Batch, ResNet18, TransformerLM, init_model, logits_fn_for, loss_fn_for
+from jaxforget.scenarios import (
+    CanaryScenario,
+    Scenario,
+    backdoor,
+    canary,
+    canary_batches,
+    label_flip,
+    poison_like,
+    stamp_trigger,
+    triggered_test_set,
+)
 from jaxforget.selection import (
     last_layer,
     last_layers_holding,
@@ -49,6 +62,7 @@ from jaxforget.selection import (
     select_random,
     select_top,
 )
+from jaxforget.text import CharVocab, build_vocab, load_corpus
 from jaxforget.train import TrainState, create_train_state, eval_step, evaluate, fit, predict_logits, train_step
 from jaxforget.unlearn import (
     diagonal_newton_update,
@@ -66,6 +80,8 @@ __all__ = [
     "hvp",
     "hutchinson_diagonal",
     "hutchinson_diagonal_with_stderr",
+    "hutchinson_residual_diagonal",
+    "ggn_vector_product",
     "exact_diagonal",
     "ggn_diagonal",
     "gnb_diagonal",
@@ -95,6 +111,16 @@ __all__ = [
     "CNN",
     "MLP",
     "ResNet18",
+    "TransformerLM",
+    "CharVocab",
+    "build_vocab",
+    "load_corpus",
+    "CanaryScenario",
+    "canary",
+    "canary_batches",
+    "exact_rank_and_exposure",
+    "estimated_exposure",
+    "greedy_extraction",
     "init_model",
     "logits_fn_for",
     "loss_fn_for",
