@@ -97,13 +97,14 @@ def predict_logits(state: TrainState, inputs: jax.Array) -> jax.Array:
 
 
 def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-    """Sums over ``batch`` in eval mode: ``{"loss_sum", "correct", "count"}``, to be added across batches."""
+    """Sums over ``batch`` in eval mode: ``{"loss_sum", "correct", "count"}``, to be added across batches. ``count``
+    is the number of predictions: one per sample, or one per token for a language model's [B, T] labels."""
     logits = predict_logits(state, batch.inputs)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
     return {
         "loss_sum": losses.sum(),
         "correct": jnp.sum(jnp.argmax(logits, axis=-1) == batch.labels),
-        "count": jnp.asarray(batch.labels.shape[0]),
+        "count": jnp.asarray(batch.labels.size),
     }
 
 

@@ -276,3 +276,17 @@ def test_transformer_lm_learns_a_repeating_pattern_through_train_step():
     assert losses[0] == pytest.approx(initial, rel=1e-5)  # train_step's loss is loss_fn_for's, before the step
     assert initial > 1.0  # about log 5 at initialization
     assert float(jf.loss_fn_for(model)(state.params, batch)) < 0.2 * initial
+
+
+def test_evaluate_scores_a_language_model_per_token():
+    from jaxforget import models, train
+
+    model = models.TransformerLM(vocab_size=5, max_length=6, features=8, heads=2, layers=1)
+    state = train.create_train_state(model, jax.random.key(0), (1, 6), optax.adam(1e-3))
+    tokens = np.tile(np.arange(7) % 5, (3, 1)).astype(np.int32)
+    batch = models.Batch(tokens[:, :-1], tokens[:, 1:])
+    result = train.evaluate(state, batch, jax.jit(train.eval_step))
+    logits = model.apply({"params": state.params}, batch.inputs)
+    expected = float(np.mean(np.argmax(np.asarray(logits), -1) == batch.labels))
+    assert result["count"] == 18 and 0.0 <= result["accuracy"] <= 1.0
+    assert result["accuracy"] == pytest.approx(expected)
