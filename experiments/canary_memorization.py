@@ -1,0 +1,82 @@
+"""How fast the canary's language model memorizes the secret: exposure and greedy extraction against training steps.
+
+Trains the poisoned model of ``jaxforget run --scenario canary`` (same data, model, seed and batch order) and
+scores the secret every ``--every`` steps, to choose the training length at which unlearning has something to remove:
+
+    python experiments/canary_memorization.py --steps 3000 --every 500 --repetitions 8
+
+writes ``experiments/results/canary-memorization/<repetitions>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import optax
+
+from jaxforget import data, exposure, pipeline, settings, text, train
+from jaxforget.atomic import write_json_atomic
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--every", type=int, default=500)
+    parser.add_argument("--repetitions", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "canary-memorization"))
+    args = parser.parse_args(argv)
+    config = settings.RunConfig(scenario="canary", repetitions=args.repetitions, seed=args.seed)
+    settings.check_config(config)
+    setup = pipeline.setup(config)
+    story, vocab = setup.canary, setup.vocab
+    state = train.create_train_state(setup.model, jax.random.key(config.seed), setup.input_shape, optax.adam(1e-3))
+    step, evaluate_step = jax.jit(train.train_step), jax.jit(train.eval_step)
+    log_probs = jax.jit(lambda params, tokens: jax.nn.log_softmax(setup.model.apply({"params": params}, tokens)))
+    prompt = vocab.encode(story.separator + story.prefix)
+    secret, alphabet = vocab.encode(story.secret), vocab.encode(story.alphabet)
+    epochs = -(-args.steps // (len(setup.scenario.train.labels) // config.batch_size))
+    stream = data.batches(setup.scenario.train, config.batch_size, seed=config.seed, epochs=epochs)
+    points, start = [], time.perf_counter()
+    for index, batch in enumerate(stream, 1):
+        state, _ = step(state, batch)
+        if index % args.every == 0 or index == args.steps:
+            fn = functools.partial(log_probs, state.params)
+            found = exposure.exact_rank_and_exposure(fn, prompt, secret, alphabet, max_length=config.context)
+            extracted = exposure.greedy_extraction(fn, prompt, secret, alphabet, max_length=config.context)
+            validation = train.evaluate(state, setup.validation, evaluate_step)
+            points.append(
+                {
+                    "step": index,
+                    "seconds": time.perf_counter() - start,
+                    "exposure": float(found["exposure"]),
+                    "log2_space": float(found["log2_space"]),
+                    "digits_extracted": int(extracted["digits_correct"]),
+                    "validation_bits_per_char": text.bits_per_character(validation["loss"]),
+                }
+            )
+            print(json.dumps(points[-1]), flush=True)
+        if index == args.steps:
+            break
+    record = {
+        "command": " ".join(["experiments/canary_memorization.py", *(sys.argv[1:] if argv is None else argv)]),
+        "config": dataclasses.asdict(config),
+        "secret_digits": len(story.secret),
+        "points": points,
+    }
+    path = write_json_atomic(pathlib.Path(args.out) / f"{args.repetitions}.json", record)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
