@@ -938,7 +938,10 @@ def _stage_evaluate(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict,
     clean_accuracy, poisoned_accuracy = rows[1]["test_accuracy"], rows[0]["test_accuracy"]
     for row in rows:
         restored = metrics.accuracy_restored(row["test_accuracy"], poisoned_accuracy, clean_accuracy)
-        row["accuracy_restored"] = None if np.isnan(restored) else restored  # nan: poisoning cost no accuracy
+        # nan: poisoning cost no accuracy. A canary costs none by design (a few windows of text), so the ratio of
+        # two differences of a few characters would only amplify noise.
+        missing = np.isnan(restored) or setup_.canary is not None
+        row["accuracy_restored"] = None if missing else restored
     return {"rows": rows, "relearn_threshold": poisoned_fit}, {}
 
 

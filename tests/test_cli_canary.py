@@ -30,6 +30,7 @@ def test_a_canary_run_scores_exposure_extraction_and_bits_per_character(tmp_path
         assert 0.0 <= row["exposure"] <= math.log2(100) + 1e-9, name  # 100 candidate secrets
         assert row["attack_success"] in {0.0, 0.5, 1.0}, name  # share of the 2 digits greedy decoding reproduces
         assert 1.0 < row["bits_per_char"] < 8.0, name  # a few bits: better than uniform over ~100 characters
+        assert row["accuracy_restored"] is None, name  # the canary costs no accuracy to restore
     # Fine-tuning every parameter moves the model: its canary scores are its own, not copies of the poisoned row's.
     assert rows["all/finetune"]["bits_per_char"] != rows["poisoned"]["bits_per_char"]
     assert rows["all/finetune"]["exposure"] != rows["poisoned"]["exposure"]
