@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import pathlib
 import sys
@@ -21,7 +20,7 @@ import time
 import jax
 import optax
 
-from jaxforget import data, exposure, pipeline, settings, text, train
+from jaxforget import data, pipeline, settings, text, train
 from jaxforget.atomic import write_json_atomic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -38,29 +37,24 @@ def main(argv=None) -> int:
     config = settings.RunConfig(scenario="canary", repetitions=args.repetitions, seed=args.seed)
     settings.check_config(config)
     setup = pipeline.setup(config)
-    story, vocab = setup.canary, setup.vocab
     state = train.create_train_state(setup.model, jax.random.key(config.seed), setup.input_shape, optax.adam(1e-3))
     step, evaluate_step = jax.jit(train.train_step), jax.jit(train.eval_step)
-    log_probs = jax.jit(lambda params, tokens: jax.nn.log_softmax(setup.model.apply({"params": params}, tokens)))
-    prompt = vocab.encode(story.separator + story.prefix)
-    secret, alphabet = vocab.encode(story.secret), vocab.encode(story.alphabet)
+    score = pipeline.canary_scores(setup, config)
     epochs = -(-args.steps // (len(setup.scenario.train.labels) // config.batch_size))
     stream = data.batches(setup.scenario.train, config.batch_size, seed=config.seed, epochs=epochs)
     points, start = [], time.perf_counter()
     for index, batch in enumerate(stream, 1):
         state, _ = step(state, batch)
         if index % args.every == 0 or index == args.steps:
-            fn = functools.partial(log_probs, state.params)
-            found = exposure.exact_rank_and_exposure(fn, prompt, secret, alphabet, max_length=config.context)
-            extracted = exposure.greedy_extraction(fn, prompt, secret, alphabet, max_length=config.context)
+            secret = score(state.params)
             validation = train.evaluate(state, setup.validation, evaluate_step)
             points.append(
                 {
                     "step": index,
                     "seconds": time.perf_counter() - start,
-                    "exposure": float(found["exposure"]),
-                    "log2_space": float(found["log2_space"]),
-                    "digits_extracted": int(extracted["digits_correct"]),
+                    "exposure": secret["exposure"],
+                    "log2_space": secret["log2_space"],
+                    "digits_extracted": secret["digits_extracted"],
                     "validation_bits_per_char": text.bits_per_character(validation["loss"]),
                 }
             )
@@ -70,7 +64,7 @@ def main(argv=None) -> int:
     record = {
         "command": " ".join(["experiments/canary_memorization.py", *(sys.argv[1:] if argv is None else argv)]),
         "config": dataclasses.asdict(config),
-        "secret_digits": len(story.secret),
+        "secret_digits": len(setup.canary.secret),
         "points": points,
     }
     path = write_json_atomic(pathlib.Path(args.out) / f"{args.repetitions}.json", record)

@@ -320,9 +320,12 @@ def _run(args: argparse.Namespace, argv) -> int:
     records, compute, curvature = [], [], []
     for config in configs:
         workdir = pathlib.Path(args.workdir) / f"seed-{config.seed}"
-        for stage in stages:
-            run_stage(stage, config, workdir, quiet=args.quiet, wait=not args.no_wait)
-        stage_records = {stage: stage_record(stage, config, workdir) for stage in STAGES[: last + 1]}
+        wait = not args.no_wait
+        stage_records = {stage: run_stage(stage, config, workdir, quiet=args.quiet, wait=wait) for stage in stages}
+        for stage in STAGES[:last]:  # a stage run alone reports the times of those before it from their records
+            if stage not in stage_records:
+                stage_records[stage] = stage_record(stage, config, workdir)
+        stage_records = {stage: stage_records[stage] for stage in STAGES[: last + 1]}
         records.append(stage_records[stages[-1]])
         # Seconds the stages took when they ran (a reused stage keeps the time of its first run).
         compute.append({stage: r["stage_seconds"] for stage, r in stage_records.items()})

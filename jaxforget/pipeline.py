@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,7 +43,7 @@ from jaxforget.settings import (
     stage_key,
 )
 from jaxforget.timing import time_runs
-from jaxforget.workdir import Workdir
+from jaxforget.workdir import Workdir, print_notice
 
 __all__ = [
     "RunConfig",
@@ -55,6 +54,7 @@ __all__ = [
     "check_config",
     "setup",
     "check_setup",
+    "canary_scores",
     "Setup",
     "restore_model",
     "stage_record",
@@ -261,6 +261,7 @@ def setup(config: RunConfig) -> Setup:
     )
 
 
+@functools.lru_cache(maxsize=16)  # every stage call checks; a configuration that passed once passes again
 def check_setup(config: RunConfig) -> None:
     """Raises ``ValueError`` naming the option, its valid range and the fix for settings that pass
     :func:`~jaxforget.settings.check_config` but do not fit the data or the model: splits larger than the data, a
@@ -321,9 +322,7 @@ class _Log:
         if not self.quiet:
             print(message, flush=True)
 
-    @staticmethod
-    def notice(message: str) -> None:
-        print(f"jaxforget: {message}", file=sys.stderr, flush=True)
+    notice = staticmethod(print_notice)
 
 
 def _tree_count(tree: PyTree) -> int:
@@ -809,17 +808,17 @@ def _predictions(setup_: Setup):
 _EXACT_EXPOSURE_SPACE = 10**6  # up to this many candidate secrets, exposure is exact by enumeration
 
 
-def _canary_scores(setup_: Setup, config: RunConfig):
-    """``(params, test losses) -> scores``: the canary's exposure (exact by enumeration up to 10^6 candidates, else
-    the skew-normal estimate), the secret digits greedy decoding after the prefix reproduces, and bits per
-    character on the test text."""
+def canary_scores(setup_: Setup, config: RunConfig) -> Callable[[PyTree], dict]:
+    """``scores(params)`` for the canary scenario: the secret's exposure (exact by enumeration up to 10^6
+    candidates, else the skew-normal estimate) and ``log2_space``, and the digits of the secret that greedy decoding
+    after the prefix reproduces (``digits_extracted`` of ``secret_digits``)."""
     story, vocab, model = setup_.canary, setup_.vocab, setup_.model
     log_probs = jax.jit(lambda params, tokens: jax.nn.log_softmax(model.apply({"params": params}, tokens)))
     prompt = vocab.encode(story.separator + story.prefix)
     secret, alphabet = vocab.encode(story.secret), vocab.encode(story.alphabet)
     exact = len(story.alphabet) ** len(story.secret) <= _EXACT_EXPOSURE_SPACE
 
-    def scores(params, test_losses) -> dict:
+    def scores(params) -> dict:
         fn = functools.partial(log_probs, params)
         limit = {"max_length": config.context}
         if exact:
@@ -829,8 +828,9 @@ def _canary_scores(setup_: Setup, config: RunConfig):
         extracted = exposure.greedy_extraction(fn, prompt, secret, alphabet, **limit)
         return {
             "exposure": float(found["exposure"]),
-            "attack_success": extracted["digits_correct"] / len(story.secret),
-            "bits_per_char": text.bits_per_character(float(np.mean(test_losses))),
+            "log2_space": float(found["log2_space"]),
+            "digits_extracted": int(extracted["digits_correct"]),
+            "secret_digits": len(story.secret),
         }
 
     return scores
@@ -865,7 +865,7 @@ def _stage_evaluate(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict,
     # Relearning: steps on Z (its poisoned labels) until Z is fit as well as the poisoned model fits it.
     poisoned_fit = metrics.accuracy(predict(poisoned.params, poisoned.batch_stats, group)[0], group.labels)
 
-    canary_scores = _canary_scores(setup_, config) if setup_.canary is not None else None
+    canary = canary_scores(setup_, config) if setup_.canary is not None else None
 
     def score(params, stats) -> dict:
         test_pred, test_losses = predict(params, stats, setup_.test)
@@ -891,8 +891,11 @@ def _stage_evaluate(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict,
             "mia_auc": metrics.membership_inference_auc(member_losses, outsider_losses),
             "relearn_steps": relearn.steps if relearn.reached else None,
         }
-        if canary_scores is not None:  # the attack is extraction of the secret; accuracies are per character
-            scores.update(canary_scores(params, test_losses))
+        if canary is not None:  # the attack is extraction of the secret; accuracies are per character
+            secret = canary(params)
+            scores["exposure"] = secret["exposure"]
+            scores["attack_success"] = secret["digits_extracted"] / secret["secret_digits"]
+            scores["bits_per_char"] = text.bits_per_character(float(np.mean(test_losses)))
         return scores
 
     rows = []

@@ -40,7 +40,7 @@ import numpy as np
 from jaxforget import checkpoint
 from jaxforget.atomic import CorruptFileError, open_atomic, sha256_file, write_json_atomic
 
-__all__ = ["Workdir", "WorkdirBusyError"]
+__all__ = ["Workdir", "WorkdirBusyError", "print_notice"]
 
 PyTree = Any
 _LOCK = ".lock"
@@ -51,7 +51,8 @@ class WorkdirBusyError(ValueError):
     """Another process holds the workdir's lock and the caller chose not to wait."""
 
 
-def _stderr(message: str) -> None:
+def print_notice(message: str) -> None:
+    """Prints ``jaxforget: <message>`` on standard error: the one-line notices of the workdir and the stages."""
     print(f"jaxforget: {message}", file=sys.stderr, flush=True)
 
 
@@ -64,7 +65,7 @@ class Workdir:
         :meth:`lock` waits; default: printed to standard error.
     """
 
-    def __init__(self, root: str | os.PathLike, notice: Callable[[str], None] = _stderr):
+    def __init__(self, root: str | os.PathLike, notice: Callable[[str], None] = print_notice):
         self.root = pathlib.Path(root)
         self.notice = notice
 
