@@ -5,7 +5,7 @@ scores the secret every ``--every`` steps, to choose the training length at whic
 
     python experiments/canary_memorization.py --steps 3000 --every 500 --repetitions 8
 
-writes ``experiments/results/canary-memorization/<repetitions>.json``.
+writes ``experiments/results/canary-memorization/repetitions-<n>-characters-<n>-lr-<rate>.json``.
 """
 
 from __future__ import annotations
@@ -26,18 +26,32 @@ from jaxforget.atomic import write_json_atomic
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _name(config: settings.RunConfig) -> str:
+    characters = config.text_characters or "all"
+    return f"repetitions-{config.repetitions}-characters-{characters}-lr-{config.learning_rate:g}.json"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--every", type=int, default=500)
     parser.add_argument("--repetitions", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    for name, kind in (("text_characters", int), ("context", int), ("batch_size", int), ("learning_rate", float)):
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, help="as in `jaxforget run` (default: its default)")
     parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "canary-memorization"))
     args = parser.parse_args(argv)
-    config = settings.RunConfig(scenario="canary", repetitions=args.repetitions, seed=args.seed)
+    chosen = {name: getattr(args, name) for name in ("text_characters", "context", "batch_size", "learning_rate")}
+    config = settings.RunConfig(
+        scenario="canary",
+        repetitions=args.repetitions,
+        seed=args.seed,
+        **{name: value for name, value in chosen.items() if value is not None},
+    )
     settings.check_config(config)
     setup = pipeline.setup(config)
-    state = train.create_train_state(setup.model, jax.random.key(config.seed), setup.input_shape, optax.adam(1e-3))
+    tx = optax.adam(config.learning_rate)
+    state = train.create_train_state(setup.model, jax.random.key(config.seed), setup.input_shape, tx)
     step, evaluate_step = jax.jit(train.train_step), jax.jit(train.eval_step)
     score = pipeline.canary_scores(setup, config)
     epochs = -(-args.steps // (len(setup.scenario.train.labels) // config.batch_size))
@@ -67,7 +81,7 @@ def main(argv=None) -> int:
         "secret_digits": len(setup.canary.secret),
         "points": points,
     }
-    path = write_json_atomic(pathlib.Path(args.out) / f"{args.repetitions}.json", record)
+    path = write_json_atomic(pathlib.Path(args.out) / _name(config), record)
     print(f"wrote {path}")
     return 0
 

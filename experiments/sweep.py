@@ -24,6 +24,11 @@ from jaxforget.atomic import open_atomic, write_json_atomic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PANELS = (("group_accuracy", "accuracy on Z~"), ("test_accuracy", "test accuracy"), ("mia_auc", "MIA AUC on Z"))
+CANARY_PANELS = (
+    ("exposure", "exposure of the secret, bits"),
+    ("bits_per_char", "test bits per character"),
+    ("mia_auc", "MIA AUC on Z"),
+)
 
 
 def _plot(summary: dict, path: pathlib.Path) -> None:
@@ -33,9 +38,11 @@ def _plot(summary: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     values = summary["values"]
+    canary = any(point.get("exposure") is not None for point in summary["baselines"].get("poisoned", []))
+    panels = CANARY_PANELS if canary else PANELS
     colors = plt.get_cmap("tab20")
-    figure, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 4.5))
-    for ax, (key, label) in zip(axes, PANELS, strict=True):
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    for ax, (key, label) in zip(axes, panels, strict=True):
         # Means only: the seeds differ more from each other than the rules do, so per-rule intervals overlap
         # everywhere; each value's results.md holds the intervals and the paired differences.
         for index, (method, series) in enumerate(summary["methods"].items()):
@@ -81,7 +88,8 @@ def main(argv=None) -> int:
         for row in rows:
             target = summary["baselines"] if row["update"] is None else summary["methods"]
             target.setdefault(row["method"], []).append(row)
-    summary["title"] = f"sweep over {args.parameter} (seeds {args.seeds}, updates {args.updates}, tuned at 1% / 200)"
+    tuned = "hyperparameters tuned at the defaults"
+    summary["title"] = f"sweep over {args.parameter} (seeds {args.seeds}, updates {args.updates}, {tuned})"
     summary["command"] = " ".join(["experiments/sweep.py", *(argv if argv is not None else sys.argv[1:])])
     write_json_atomic(out / "summary.json", summary)
     _plot(summary, out / "sweep.png")

@@ -12,7 +12,9 @@ takes the whole-data curvature and the masks (the main job's own stages), then s
 
 The objective is the unlearning target measured away from the test split: the accuracy on Z~ of the tuning seed's
 own group for label flips, and one minus the attack success on the validation images poisoned like Z for backdoors.
-The constraint is utility: the mean validation accuracy over the tuning seeds may fall at most ``--tolerance`` below
+For the canary it is the fraction of the secret's exposure removed, 1 - exposure / log2 |R|, of the tuning seed's
+own secret (each seed draws its secret and its positions; the reported seeds' secrets are never scored here), with
+the next-character accuracy on the validation text as utility. The constraint is utility: the mean validation accuracy over the tuning seeds may fall at most ``--tolerance`` below
 the poisoned model's. Among the values that satisfy it the one with the best mean objective is chosen (ties: the
 higher validation accuracy); where none does, the most conservative value (the smallest step) is chosen and
 flagged. The test split is never read.
@@ -67,6 +69,17 @@ GRIDS["backdoor"] = {
     "finetune-ascent": {**_FINETUNE_LONG, "ascent_weight": [0.1, 1.0]},
     "cg": {"cg_damping": [1e-1, 1.0, 10.0]},
 }
+# The canary's group is a handful of windows whose loss differs from Z~'s in the secret's few characters only, so a
+# one-step update on it is tiny at the image scenarios' step sizes (the first run: exposure moved < 0.1 bit at
+# tau = 3e-4): larger steps, and the fine-tuning of the image scenarios.
+GRIDS["canary"] = {
+    "first-order": {"tau": [1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0]},
+    "diagonal-newton": {"damping": [1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0]},
+    "finetune": _FINETUNE,
+    "finetune-corrected": _FINETUNE,
+    "finetune-ascent": {**_FINETUNE, "ascent_weight": [0.1, 1.0]},
+    "cg": {"cg_damping": [1e-2, 1e-1, 1.0]},
+}
 # Order of conservativeness: the first grid value is the smallest step (large damping counts as small).
 CONSERVATIVE_FIRST = {
     "tau": 1,
@@ -92,6 +105,7 @@ class _Scorer:
 
     def __init__(self, setup: pipeline.Setup, config: settings.RunConfig, stats):
         self.setup, self.config, self.stats = setup, config, stats
+        self.secret = pipeline.canary_scores(setup, config) if config.scenario == "canary" else None
         predict = jax.jit(
             lambda params, stats, inputs: jnp.argmax(models.logits_fn_for(setup.model, stats)(params, inputs), -1)
         )
@@ -105,6 +119,9 @@ class _Scorer:
         if self.config.scenario == "backdoor":
             attack = metrics.accuracy(self.predict(params, setup.validation_twin), setup.validation_twin.labels)
             scores.update(validation_attack_success=attack, objective=1.0 - attack)
+        elif self.secret is not None:
+            secret = self.secret(params)
+            scores.update(exposure=secret["exposure"], objective=1.0 - secret["exposure"] / secret["log2_space"])
         else:
             corrected = setup.scenario.corrected
             scores.update(group_accuracy=metrics.accuracy(self.predict(params, corrected), corrected.labels))
@@ -223,7 +240,10 @@ def main(argv=None) -> int:
         "scenario": name,
         "command": " ".join([pathlib.Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "seeds": seeds,
-        "objective": "1 - validation attack success" if args.scenario == "backdoor" else "accuracy on Z~",
+        "objective": {
+            "backdoor": "1 - validation attack success",
+            "canary": "1 - exposure / log2 |R| of the tuning seed's secret",
+        }.get(args.scenario, "accuracy on Z~"),
         "constraint": f"mean validation accuracy >= poisoned model's - {args.tolerance}",
         "grids": {update: grids[update] for update in updates},
         "config": dataclasses.asdict(config0),

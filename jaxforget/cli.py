@@ -274,7 +274,10 @@ def _report(configs, records, compute, curvature, out: pathlib.Path, seconds: fl
     }
     per_seed = [r["rows"] for r in records]
     paired = len(seeds) > 1 and "hessian-largest" in config.selections
-    comparisons = report.paired_comparisons(per_seed, relearn_cap=config.relearn_steps) if paired else None
+    compared = report.CANARY_PAIRED_METRICS if config.scenario == "canary" else report.PAIRED_METRICS
+    comparisons = (
+        report.paired_comparisons(per_seed, metrics=compared, relearn_cap=config.relearn_steps) if paired else None
+    )
     paths = report.write_results(
         out, record, rows, relearn_cap=config.relearn_steps, title=title, comparisons=comparisons
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
 from collections.abc import Callable
@@ -187,11 +188,25 @@ def _text_setup(config: RunConfig) -> Setup:
     """The canary scenario: the corpus split by position, the canary in the training part, windows of
     ``--context`` characters, and a character-level Transformer."""
     corpus = text.load_corpus(config.dataset, data_dir=config.data_dir, download=config.download)
+    if config.text_characters:
+        corpus = corpus[: config.text_characters]
     vocab = text.build_vocab(corpus)
-    train_text, validation_text, holdout_text, test_text = text.split_by_position(corpus, _TEXT_SPLITS)
-    story = scenarios.canary(
-        train_text, config.seed, repetitions=config.repetitions, secret_length=config.secret_length
-    )
+    parts = text.split_by_position(corpus, _TEXT_SPLITS)
+    train_text, validation_text, holdout_text, test_text = parts
+    # The smallest split must hold one window of --context characters plus its next character.
+    smallest = min(len(part) for part in parts)
+    if smallest < config.context + 1:
+        needed = math.ceil((config.context + 1) / min(_TEXT_SPLITS))
+        raise ValueError(
+            f"--text-characters: the {len(corpus):,} characters used leave {smallest} for the smallest split, fewer "
+            f"than one window of --context {config.context}; use at least {needed:,} characters or a shorter context."
+        )
+    try:
+        story = scenarios.canary(
+            train_text, config.seed, repetitions=config.repetitions, secret_length=config.secret_length
+        )
+    except ValueError as error:
+        raise ValueError(f"--text-characters or --repetitions: {error}") from None
     cut = scenarios.canary_batches(story, vocab, config.context)
     scenario = scenarios.Scenario(
         name="canary",

@@ -22,6 +22,7 @@ from jaxforget.atomic import open_atomic, write_json_atomic, write_text_atomic
 
 __all__ = [
     "COLUMNS",
+    "CANARY_PAIRED_METRICS",
     "HIGHER_IS_BETTER",
     "PAIRED_METRICS",
     "aggregate",
@@ -57,6 +58,8 @@ _OPTIONAL = ("exposure", "bits_per_char")
 
 # The scores :func:`paired_comparisons` compares by default.
 PAIRED_METRICS = ("group_accuracy", "test_accuracy", "attack_success", "mia_auc", "fidelity_group", "relearn_steps")
+# The canary's: how much of the secret is left (exposure, digits extracted), membership, and the utility in bits.
+CANARY_PAIRED_METRICS = ("exposure", "attack_success", "mia_auc", "bits_per_char", "relearn_steps")
 
 # Whether a higher score is the better one. For ``mia_auc`` lower counts as better: a simplification that reads the
 # AUC as "closer to chance (0.5) from above", which ignores that an AUC well below 0.5 leaks membership too.
@@ -67,6 +70,8 @@ HIGHER_IS_BETTER = {
     "mia_auc": False,
     "fidelity_group": True,
     "relearn_steps": True,
+    "exposure": False,
+    "bits_per_char": False,
 }
 
 
@@ -490,11 +495,21 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, tit
     updates = list(dict.fromkeys(r["update"] for r in methods))
     selections = list(dict.fromkeys(r["selection"] for r in methods))
     baselines = {r["method"]: r for r in rows if r["update"] is None}
+    canary = any(r.get("exposure") is not None for r in rows)
     panels = (
-        ("group_accuracy", "accuracy on Z~ (corrected labels)"),
-        ("attack_success", "attack success (held-out, poisoned like Z)"),
-        ("mia_auc", "membership-inference AUC on Z"),
-        ("test_accuracy", "test accuracy"),
+        (
+            ("exposure", "exposure of the secret, bits (lower: less memorized)"),
+            ("attack_success", "share of the secret's digits greedy decoding extracts"),
+            ("mia_auc", "membership-inference AUC on Z"),
+            ("bits_per_char", "test bits per character (lower: better)"),
+        )
+        if canary
+        else (
+            ("group_accuracy", "accuracy on Z~ (corrected labels)"),
+            ("attack_success", "attack success (held-out, poisoned like Z)"),
+            ("mia_auc", "membership-inference AUC on Z"),
+            ("test_accuracy", "test accuracy"),
+        )
     )
     figure, axes = plt.subplots(2, 2, figsize=(14, 8.5))
     axes = axes.ravel()
@@ -519,8 +534,11 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, tit
                 shown.append(baselines[name][key])
         ax.set_xticks(range(len(updates)), updates)
         ax.set_title(label, fontsize=9)
-        if key == "test_accuracy" and shown:  # zoomed: the differences are a few points
-            ax.set_ylim(max(0.0, min(shown) - 0.03), min(1.02, max(shown) + 0.02))
+        if key in ("test_accuracy", "bits_per_char") and shown:  # zoomed: the differences are small
+            spread = 0.03 if key == "test_accuracy" else 0.1
+            ax.set_ylim(max(0.0, min(shown) - spread), max(shown) + spread)
+        elif key == "exposure":
+            ax.set_ylim(0.0, 1.05 * max(*shown, 1.0))
         else:
             ax.set_ylim(0.0, 1.02)
     handles, labels = axes[0].get_legend_handles_labels()

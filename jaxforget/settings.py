@@ -80,7 +80,7 @@ SCENARIOS = ("backdoor", "label-flip", "canary")
 TEXT_DATASETS = ("pydoc-topics", "tiny_shakespeare")
 # Settings of the canary scenario only: part of a stage key only when the scenario is canary, so image runs keep
 # their keys (and their workdirs) whatever these defaults are.
-CANARY_FIELDS = ("context", "repetitions", "secret_length")
+CANARY_FIELDS = ("text_characters", "context", "repetitions", "secret_length")
 CORRECTIONS = ("relabel", "remove-trigger")
 
 
@@ -93,6 +93,7 @@ class RunConfig:
     width: int = 64  # resnet18's base width (64: the standard network; smaller for quick runs)
     scenario: str = "label-flip"  # label-flip (label c -> c+1) or backdoor (a 3x3 trigger patch -> class 0)
     correction: str = "relabel"  # backdoor's Z~: relabel (triggered images, true labels) or remove-trigger
+    text_characters: int = 120_000  # canary: characters of the corpus used, from its start (0: all of it)
     context: int = 64  # canary: characters per training window of the language model
     repetitions: int = 8  # canary: times the secret is inserted into the training text
     secret_length: int = 4  # canary: digits of the secret (exposure exact by enumeration up to 6 digits)
@@ -106,7 +107,7 @@ class RunConfig:
     seed: int = 0  # seed for the group, initialization, batches, probes and random masks
     train_steps: int = 500  # Adam steps for the poisoned and the retrained model
     batch_size: int = 64  # training batch size
-    learning_rate: float = 1e-3  # Adam learning rate for training
+    learning_rate: float | None = None  # Adam learning rate for training (default: 1e-3; 3e-3 for the canary)
     curvature_samples: int = 0  # training samples the curvature is estimated on (0: the whole training set)
     probes: int = 2  # Hutchinson probes per batch of 64 samples
     tau: float | None = None  # first-order step size on the group's sum (default: tuned per selection rule)
@@ -129,6 +130,8 @@ class RunConfig:
                 object.__setattr__(self, "dataset", "pydoc-topics")
             if self.model == "cnn":
                 object.__setattr__(self, "model", "transformer")
+        if self.learning_rate is None:
+            object.__setattr__(self, "learning_rate", 3e-3 if self.scenario == "canary" else 1e-3)
 
 
 # The settings each stage depends on (beyond those of the stages before it).
@@ -203,6 +206,8 @@ def check_config(config: RunConfig) -> None:
     if text != (config.model == "transformer"):
         wanted = "transformer" if text else "cnn, mlp or resnet18"
         _fail("model", f"{config.model!r} does not fit --scenario {config.scenario}; choose {wanted}.")
+    if config.text_characters < 0:
+        _fail("text_characters", f"{config.text_characters} must be 0 (the whole corpus) or a number of characters.")
     for option, low, high in (("context", 16, 1024), ("repetitions", 1, 1000), ("secret_length", 1, 16)):
         value = getattr(config, option)
         if not low <= value <= high:

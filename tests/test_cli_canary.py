@@ -64,3 +64,35 @@ def test_canary_settings_pick_text_and_a_language_model_and_refuse_mismatches():
     assert settings.stage_key(settings.RunConfig(), "evaluate") == settings.stage_key(
         settings.RunConfig(repetitions=3), "evaluate"
     )
+
+
+def test_the_canary_trains_faster_by_default_and_an_explicit_rate_wins():
+    """3e-3 memorizes the secret in the default 500 steps (experiments/results/canary-memorization); images keep 1e-3
+    and their stage keys."""
+    assert settings.RunConfig(scenario="canary").learning_rate == 3e-3
+    assert settings.RunConfig().learning_rate == 1e-3
+    assert settings.RunConfig(scenario="canary", learning_rate=1e-3).learning_rate == 1e-3
+    assert settings.stage_key(settings.RunConfig(), "train") == settings.stage_key(
+        settings.RunConfig(text_characters=5000), "train"
+    )
+    canary = settings.RunConfig(scenario="canary")
+    assert settings.stage_key(canary, "train") != settings.stage_key(
+        settings.RunConfig(scenario="canary", text_characters=5000), "train"
+    )
+
+
+def test_a_corpus_too_short_for_the_splits_or_the_canary_is_refused_naming_text_characters(tmp_path, capsys):
+    for characters, repetitions, fix in (("1000", "8", "use at least 1,300 characters"), ("1400", "100", "repetitions")):
+        work = tmp_path / characters
+        argv = ["run", "--scenario", "canary", "--text-characters", characters, "--repetitions", repetitions]
+        argv += ["--batch-size", "4"]
+        assert cli.main([*argv, "--workdir", str(work), "--out", str(tmp_path / "out")]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("jaxforget: error: --text-characters") and fix in error, error
+        assert len(error.splitlines()) == 1 and not work.exists()
+    try:
+        settings.check_config(settings.RunConfig(scenario="canary", text_characters=-1))
+    except ValueError as error:
+        assert str(error).startswith("--text-characters")
+    else:
+        raise AssertionError("a negative --text-characters was accepted")

@@ -190,6 +190,8 @@ def test_paired_symmetric_differences_favour_neither():
         ("attack_success", -0.05, "reference"),
         ("group_accuracy", -0.05, "other"),
         ("fidelity_group", +0.05, "reference"),
+        ("exposure", -0.05, "reference"),  # less of the secret left
+        ("bits_per_char", +0.05, "other"),  # worse language model
     ],
 )
 def test_paired_orientation(metric, shift, better):
