@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repetitions", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     for name, kind in (("text_characters", int), ("context", int), ("batch_size", int), ("learning_rate", float)):
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, help="as in `jaxforget run` (default: its default)")
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, help="as in `jaxforget run`, and its default")
     parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "canary-memorization"))
     args = parser.parse_args(argv)
     chosen = {name: getattr(args, name) for name in ("text_characters", "context", "batch_size", "learning_rate")}

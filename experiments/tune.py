@@ -14,10 +14,10 @@ The objective is the unlearning target measured away from the test split: the ac
 own group for label flips, and one minus the attack success on the validation images poisoned like Z for backdoors.
 For the canary it is the fraction of the secret's exposure removed, 1 - exposure / log2 |R|, of the tuning seed's
 own secret (each seed draws its secret and its positions; the reported seeds' secrets are never scored here), with
-the next-character accuracy on the validation text as utility. The constraint is utility: the mean validation accuracy over the tuning seeds may fall at most ``--tolerance`` below
-the poisoned model's. Among the values that satisfy it the one with the best mean objective is chosen (ties: the
-higher validation accuracy); where none does, the most conservative value (the smallest step) is chosen and
-flagged. The test split is never read.
+the next-character accuracy on the validation text as utility. The constraint is utility: the mean validation
+accuracy over the tuning seeds may fall at most ``--tolerance`` below the poisoned model's. Among the values that
+satisfy it the one with the best mean objective is chosen (ties: the higher validation accuracy); where none does,
+the most conservative value (the smallest step) is chosen and flagged. The test split is never read.
 
 Writes ``--out/<scenario>.json`` (grid, every score per seed, chosen values) and merges the chosen values into
 ``jaxforget/tuned.json``, where :class:`jaxforget.settings.RunConfig` takes its defaults from.

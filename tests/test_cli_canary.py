@@ -82,7 +82,8 @@ def test_the_canary_trains_faster_by_default_and_an_explicit_rate_wins():
 
 
 def test_a_corpus_too_short_for_the_splits_or_the_canary_is_refused_naming_text_characters(tmp_path, capsys):
-    for characters, repetitions, fix in (("1000", "8", "use at least 1,300 characters"), ("1400", "100", "repetitions")):
+    cases = (("1000", "8", "use at least 1,300 characters"), ("1400", "100", "repetitions"))
+    for characters, repetitions, fix in cases:
         work = tmp_path / characters
         argv = ["run", "--scenario", "canary", "--text-characters", characters, "--repetitions", repetitions]
         argv += ["--batch-size", "4"]
