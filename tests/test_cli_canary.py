@@ -43,7 +43,7 @@ def test_a_canary_run_scores_exposure_extraction_and_bits_per_character(tmp_path
     assert (poisoned.labels != corrected.labels).any()  # Z~ carries another secret
     assert (poisoned.inputs[:, 1:] == poisoned.labels[:, :-1]).all()  # next-character windows
     assert 1 <= setup.scenario.size <= 8
-    assert "Hutchinson" in pipeline.hessian_estimator(config)
+    assert "Monte Carlo GGN" in pipeline.hessian_estimator(config)
 
 
 def test_canary_settings_pick_text_and_a_language_model_and_refuse_mismatches():
