@@ -418,11 +418,11 @@ def _stage_train(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict, di
 
 
 # For a language model the exact Hessian diagonal is out of reach (one Hessian-vector product per parameter and
-# window), and it differs from the exact GGN's (GELU, softmax attention and LayerNorm are not piecewise linear). Measured
-# on the default canary model (benchmarks/canary_curvature.py, against Hutchinson with 32 probes per batch, its own noise
-# subtracted): the Monte Carlo GGN is within 12% of diag(H) and selects its top 1% best, at a fraction of the cost of
-# Hutchinson with 8 probes (error 0.44) or of Hutchinson on H - G. So the Hessian rule ranks by it, with this many
-# sampled label sequences per window (the gnb rule draws one).
+# window), and it differs from the exact GGN's (GELU, softmax attention and LayerNorm are not piecewise linear).
+# Measured on the default canary model (benchmarks/canary_curvature.py, against Hutchinson with 32 probes per batch,
+# its own noise subtracted): the Monte Carlo GGN is within 12% of diag(H) and selects its top 1% best, at a fraction
+# of the cost of Hutchinson with 8 probes (error 0.44) or of Hutchinson on H - G. So the Hessian rule ranks by it,
+# with this many sampled label sequences per window (the gnb rule draws one).
 _LANGUAGE_HESSIAN_SAMPLES = 8
 
 
