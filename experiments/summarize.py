@@ -3,6 +3,8 @@ differences of Hessian-largest against every other rule on chosen metrics.
 
     python experiments/summarize.py experiments/results/label-flip-10-seeds
     python experiments/summarize.py experiments/results/backdoor-relabel --metrics attack_success,test_accuracy
+    python experiments/summarize.py experiments/results/canary-10-seeds --scores exposure,attack_success,bits_per_char,\
+mia_auc,gradient_equivalents --metrics exposure,bits_per_char,mia_auc
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ NAMES = {
     "relearn_steps": "relearn",
     "gradient_equivalents": "grad-eq",
     "fidelity_group": "agree Z",
+    "exposure": "exposure",
+    "bits_per_char": "bits/char",
 }
 
 
@@ -32,9 +36,10 @@ def _mean(row: dict, key: str) -> str:
         return text + (f" ({share:.0%} capped)" if share else "")
     if value is None:
         return "-"
-    text = f"{value:.0f}" if key == "gradient_equivalents" else f"{value:.3f}"
+    text = f"{value:.0f}" if key == "gradient_equivalents" else f"{value:.2f}" if key == "exposure" else f"{value:.3f}"
     half = row.get(f"{key}_ci")
-    return text + (f" ±{half:.3f}" if half and key != "gradient_equivalents" else "")
+    width = 2 if key == "exposure" else 3
+    return text + (f" ±{half:.{width}f}" if half and key != "gradient_equivalents" else "")
 
 
 def means_table(rows: list[dict], scores, relearn_cap: int) -> str:

@@ -71,10 +71,11 @@ GRIDS["backdoor"] = {
 }
 # The canary's group is a handful of windows whose loss differs from Z~'s in the secret's few characters only, so a
 # one-step update on it is tiny at the image scenarios' step sizes (the first run: exposure moved < 0.1 bit at
-# tau = 3e-4): larger steps, and the fine-tuning of the image scenarios.
+# tau = 3e-4): larger steps, and the fine-tuning of the image scenarios. The first tuning run picked values at both
+# ends (tau 3.0, damping 1e-4), so both grids reach one decade further.
 GRIDS["canary"] = {
-    "first-order": {"tau": [1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0]},
-    "diagonal-newton": {"damping": [1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0]},
+    "first-order": {"tau": [1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0]},
+    "diagonal-newton": {"damping": [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0]},
     "finetune": _FINETUNE,
     "finetune-corrected": _FINETUNE,
     "finetune-ascent": {**_FINETUNE, "ascent_weight": [0.1, 1.0]},
