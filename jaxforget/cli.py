@@ -249,18 +249,19 @@ def _machine() -> dict:
 
 
 def _report(configs, records, compute, curvature, out: pathlib.Path, seconds: float, argv) -> dict:
-    from jaxforget import report
+    from jaxforget import pipeline, report
 
     config = configs[0]
     rows = report.aggregate([r["rows"] for r in records], relearn_cap=config.relearn_steps)
     seeds = [c.seed for c in configs]
-    if config.scenario == "canary":
+    if config.scenario == "canary":  # the Hessian rule's estimator is named: the exact diagonal is out of reach
         group = f"a {config.secret_length}-digit canary inserted {config.repetitions} times"
+        estimator = f"; the Hessian rules rank by the {pipeline.hessian_estimator(config)}"
     else:
-        group = f"{config.scenario} group of {config.group_size}"
+        group, estimator = f"{config.scenario} group of {config.group_size}", ""
     title = (
         f"jaxforget: {config.model} on {config.dataset}, {group}, "
-        f"budget {config.budget:g}, seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}"
+        f"budget {config.budget:g}, seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}{estimator}"
     )
     record = {
         "config": {**dataclasses.asdict(config), "seeds": seeds},

@@ -429,10 +429,7 @@ _LANGUAGE_HESSIAN_SAMPLES = 8
 def hessian_estimator(config: RunConfig) -> str:
     """What the ``hessian`` curvature (the Hessian rules' scores) is for ``config``, for the records."""
     if config.model == "transformer":
-        return (
-            f"Monte Carlo GGN, {_LANGUAGE_HESSIAN_SAMPLES} sampled label sequences per window "
-            "(closest to diag(H) in benchmarks/results/canary-curvature-cpu.json)"
-        )
+        return f"Monte Carlo GGN, {_LANGUAGE_HESSIAN_SAMPLES} sampled label sequences per window"
     return "exact GGN diagonal (= the exact Hessian diagonal for these piecewise-linear networks)"
 
 

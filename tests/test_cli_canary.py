@@ -19,6 +19,7 @@ def test_a_canary_run_scores_exposure_extraction_and_bits_per_character(tmp_path
     assert cli.main(["run", *TINY_CANARY, "--workdir", str(tmp_path / "work"), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "transformer on pydoc-topics, a 2-digit canary inserted 4 times" in printed
+    assert "the Hessian rules rank by the Monte Carlo GGN, 8 sampled label sequences per window" in printed
     record = json.loads((out / "results.json").read_text())
     assert record["curvature"][0]["samples"] == 64
     rows = {row["method"]: row for row in record["per_seed"][0]}
