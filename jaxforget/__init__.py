@@ -21,6 +21,18 @@ from jaxforget.curvature import (
 )
 from jaxforget.data import EMBEDDED_DATASETS, TFDS_DATASETS, batches, embedded_dataset, load, stratified_split
 from jaxforget.exposure import estimated_exposure, exact_rank_and_exposure, greedy_extraction
+from jaxforget.forgetting import (
+    BootstrapInterval,
+    LiraResult,
+    bootstrap_interval,
+    final_score,
+    forgetting_epsilon,
+    forgetting_score,
+    forgetting_score_from_confidences,
+    interval_width_by_models,
+    lira_attack,
+    logit_scaled_confidence,
+)
 from jaxforget.masking import (
     FreezeState,
     MaskedUpdatesState,
@@ -159,4 +171,14 @@ __all__ = [
     "membership_inference_auc",
     "relearning_steps",
     "RelearningResult",
+    "logit_scaled_confidence",
+    "forgetting_epsilon",
+    "forgetting_score",
+    "forgetting_score_from_confidences",
+    "final_score",
+    "lira_attack",
+    "LiraResult",
+    "bootstrap_interval",
+    "BootstrapInterval",
+    "interval_width_by_models",
 ]
