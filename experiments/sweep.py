@@ -32,31 +32,46 @@ CANARY_PANELS = (
 
 
 def _plot(summary: dict, path: pathlib.Path) -> None:
+    """One row of panels per update, one line per selection rule (the same color in every panel), the poisoned and
+    the retrained model as black lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     values = summary["values"]
-    canary = any(point.get("exposure") is not None for point in summary["baselines"].get("poisoned", []))
+    baselines = summary["baselines"]
+    canary = any(point.get("exposure") is not None for point in baselines.get("poisoned", []))
     panels = CANARY_PANELS if canary else PANELS
+    updates = list(dict.fromkeys(method.split("/")[1] for method in summary["methods"]))
+    selections = list(dict.fromkeys(method.split("/")[0] for method in summary["methods"]))
     colors = plt.get_cmap("tab20")
-    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
-    for ax, (key, label) in zip(axes, panels, strict=True):
-        # Means only: the seeds differ more from each other than the rules do, so per-rule intervals overlap
-        # everywhere; each value's results.md holds the intervals and the paired differences.
-        for index, (method, series) in enumerate(summary["methods"].items()):
-            means = [point[key] for point in series]
-            ax.plot(values, means, marker="o", color=colors(index % colors.N), label=method.split("/")[0])
-        for name, style in (("poisoned", "--"), ("retrained", ":")):
-            ax.plot(values, [point[key] for point in summary["baselines"][name]], "k" + style, label=name)
-        ax.set_xscale("log" if summary["parameter"] == "budget" else "linear")
-        ax.set_xlabel(summary["parameter"])
-        ax.set_title(label)
-    handles, labels = axes[0].get_legend_handles_labels()
+    figure, axes = plt.subplots(
+        len(updates), len(panels), figsize=(6 * len(panels), 3.6 * len(updates) + 1.2), squeeze=False
+    )
+    for row, update in enumerate(updates):
+        for ax, (key, label) in zip(axes[row], panels, strict=True):
+            # Means only: the seeds differ more from each other than the rules do, so per-rule intervals overlap
+            # everywhere; each value's results.md holds the intervals and the paired differences.
+            for index, selection in enumerate(selections):
+                series = summary["methods"].get(f"{selection}/{update}")
+                if series:
+                    means = [point[key] for point in series]
+                    ax.plot(values, means, marker="o", color=colors(index % colors.N), label=selection)
+            for name, style in (("poisoned", "--"), ("retrained", ":")):
+                ax.plot(values, [point[key] for point in baselines[name]], "k" + style, label=name)
+            if key == "bits_per_char":  # a few collapsed models would squash the rest: the axis stops at 1.5x
+                ceiling = 1.5 * max(point[key] for point in baselines["poisoned"])
+                ax.set_ylim(top=ceiling)
+                ax.set_title(f"{update}: {label} (axis cut at {ceiling:.1f})", fontsize=9)
+            else:
+                ax.set_title(f"{update}: {label}", fontsize=9)
+            ax.set_xscale("log" if summary["parameter"] == "budget" else "linear")
+            ax.set_xlabel(summary["parameter"])
+    handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=7, fontsize=8)
     figure.suptitle(summary["title"] + "; means over the seeds", fontsize=10)
-    figure.tight_layout(rect=(0, 0.12, 1, 1))
+    figure.tight_layout(rect=(0, 1.0 / (3.6 * len(updates) + 1.2), 1, 1))
     with open_atomic(path, "wb") as stream:
         figure.savefig(stream, format="png", dpi=110)
     plt.close(figure)
