@@ -10,6 +10,8 @@ python experiments/tune.py --scenario backdoor --correction relabel --seeds 100,
   --updates first-order,diagonal-newton,finetune,finetune-ascent                                  # ~20 min
 python experiments/tune.py --scenario backdoor --correction remove-trigger --seeds 100,101 \
   --updates first-order,diagonal-newton,finetune                                                  # ~15 min
+python experiments/tune.py --scenario canary --seeds 100,101 \
+  --updates first-order,diagonal-newton,finetune                                                  # ~10 min
 
 jaxforget run --workdir runs/default-fresh --out experiments/results/default                     # ~3.5 min
 jaxforget run --workdir runs/work --seeds 0,1,2,3,4,5,6,7,8,9 \
@@ -22,6 +24,17 @@ jaxforget run --workdir runs/backdoor-rt --scenario backdoor --correction remove
 python experiments/sweep.py budget --values 0.0005,0.001,0.003,0.01,0.1 --seeds 0,1,2 \
   --workdir runs/work                                                                             # ~15 min
 python experiments/sweep.py group-size --values 200,500,1000 --seeds 0,1,2 --workdir runs/work  # ~20 min
+
+# The text canary: memorization, the default run, ten seeds, the budget sweep on their workdir.
+python experiments/canary_memorization.py --steps 1000 --every 100                              # ~2.5 min
+python experiments/canary_memorization.py --steps 3000 --every 500 --text-characters 0 \
+  --learning-rate 1e-3                                                                            # ~4 min
+jaxforget run --scenario canary --workdir runs/canary-fresh --out experiments/results/canary-default  # ~4 min
+jaxforget run --scenario canary --seeds 0,1,2,3,4,5,6,7,8,9 --workdir runs/canary-10 \
+  --out experiments/results/canary-10-seeds                                                       # ~40 min
+python experiments/sweep.py budget --values 0.001,0.01,0.1 --seeds 0,1,2,3,4 \
+  --updates first-order,diagonal-newton,finetune --workdir runs/canary-10 \
+  --out experiments/results/sweep-budget-canary --scenario canary                                 # ~15 min
 
 # Floating-point drift (the bound of --check-reproduction), and the default command reproducing itself.
 taskset -c 0 jaxforget run --workdir runs/drift/work-1core --out runs/drift/1core --quiet          # ~5 min
