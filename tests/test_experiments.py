@@ -64,3 +64,20 @@ def test_tuning_scores_on_validation_and_the_group_never_on_test(tuning):
 def test_tuning_refuses_seeds_that_the_results_report(tmp_path):
     with pytest.raises(SystemExit):
         _script("tune").main(["--seeds", "0,100", "--out", str(tmp_path), "--no-install", *TINY])
+
+
+def test_forgetting_models_scores_both_ends_of_the_scale(tmp_path):
+    """Models that forgot nothing are told apart from retrained ones; two sets of retrained models much less so."""
+    script = _script("forgetting_models")
+    argv = ["--ks", "3,4", "--resamples", "2", "--out", str(tmp_path), *SMALL_RUN, "--group-size", "40"]
+    argv += ["--train-steps", "300"]  # enough for the poisoned models to fit the flipped labels
+    assert script.main(argv) == 0
+    record = json.loads((tmp_path / "digits-mlp.json").read_text())
+    assert record["models"] == {"poisoned": 4, "retrained": 8} and record["group_size"] == 40
+    rows = {(row["k"], row["pair"]): row for row in record["rows"]}
+    assert set(rows) == {(k, pair) for k in (3, 4) for pair in ("poisoned vs retrained", "retrained vs retrained")}
+    for row in rows.values():
+        assert 0.0 <= row["forgetting_score"] <= 1.0 and 0.0 <= row["lira_auc"] <= 1.0
+        assert row["interval"][0] <= row["forgetting_score"] <= row["interval"][1]
+    for k in (3, 4):  # the flipped labels: every poisoned model fits them, no retrained one does
+        assert rows[(k, "poisoned vs retrained")]["lira_auc"] > rows[(k, "retrained vs retrained")]["lira_auc"] + 0.2
