@@ -30,14 +30,11 @@ Each run writes ``benchmarks/results/ensembles-<backend>.json`` (``-quick`` appe
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import math
 import os
 import pathlib
-import shlex
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -45,9 +42,9 @@ import jax
 import numpy as np
 import optax
 
-import jaxforget as jf
 from jaxforget import data, ensembles, models, train
 from jaxforget.atomic import write_json_atomic
+from jaxforget.timing import benchmark_metadata
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 FULL_GRID = (1, 8, 32, 64)
@@ -215,17 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     payload = {
         "metadata": {
             "backend": backend,
-            "device_kind": jax.devices()[0].device_kind,
             "device_count": jax.device_count(),
-            "cpu_count": os.cpu_count(),
-            # Other work on the machine inflates the timings.
-            "load_average_1_5_15_min_before": load_before,
-            "load_average_1_5_15_min_after": os.getloadavg(),
-            "jax_version": jax.__version__,
-            "jaxforget_version": jf.__version__,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "command": shlex.join(["python", *sys.argv]),
-            "args": {key: str(v) if isinstance(v, pathlib.Path) else v for key, v in vars(args).items()},
+            **benchmark_metadata(args, load_before),
             "separate_runs_extrapolated": (
                 f"K separate runs = K x the mean of {args.separate_runs} timed single-model runs (seeds 0..), "
                 "run one after the other in this process with one compiled step"

@@ -28,12 +28,9 @@ With jaxforget installed (``pip install -e .``), from the repository root::
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import pathlib
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,10 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jaxforget as jf
 from jaxforget.atomic import write_json_atomic
 from jaxforget.selection import select_random, select_top
-from jaxforget.timing import time_runs
+from jaxforget.timing import benchmark_metadata, time_runs
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 # Relative leaf sizes: a few large kernels and small biases, as in a network.
@@ -180,21 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         del scores
     payload = {
-        "metadata": {
-            "device": device,
-            "device_kind": jax.devices()[0].device_kind,
-            "cpu_count": os.cpu_count(),
-            # Other work on the machine inflates the timings.
-            "load_average_1_5_15_min_before": load_before,
-            "load_average_1_5_15_min_after": os.getloadavg(),
-            "jax_version": jax.__version__,
-            "jaxforget_version": jf.__version__,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "command": shlex.join(["python", *sys.argv]),
-            "args": {
-                key: str(value) if isinstance(value, pathlib.Path) else value for key, value in vars(args).items()
-            },
-        },
+        "metadata": {"device": device, **benchmark_metadata(args, load_before)},
         "rows": rows,
     }
     path = args.output or RESULTS_DIR / f"selection-{device}{'-quick' if args.quick else ''}.json"
