@@ -1,6 +1,9 @@
 """Curvature estimators on sequence outputs: a tiny causal Transformer with [B, T, V] logits and the cross-entropy
 averaged over all B * T tokens, against dense float64 references (the Hessian and the GGN over raveled params)."""
 
+import importlib.util
+import pathlib
+import sys
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -15,26 +18,21 @@ import jaxforget as jf
 from jaxforget import curvature
 from jaxforget.metrics import relative_error, top_k_recall
 
-BATCH, LENGTH, VOCAB = 6, 4, 5
+
+def _benchmark_module():
+    """benchmarks/curvature_transformer.py, which measures the estimators on this same tiny Transformer."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "curvature_transformer.py"
+    spec = importlib.util.spec_from_file_location("curvature_transformer_model", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Flax's dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
-class TinyTransformer(nn.Module):
-    """Token and position embeddings, one pre-LayerNorm block (causal attention, GELU MLP), a final Dense."""
-
-    vocab: int = VOCAB
-    features: int = 4
-    heads: int = 2
-
-    @nn.compact
-    def __call__(self, tokens):
-        positions = jnp.arange(tokens.shape[1])
-        x = nn.Embed(self.vocab, self.features)(tokens) + nn.Embed(tokens.shape[1], self.features)(positions)
-        h = nn.LayerNorm()(x)
-        attention = nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.features)
-        x = x + attention(h, h, mask=nn.make_causal_mask(tokens))
-        h = nn.LayerNorm()(x)
-        x = x + nn.Dense(self.features)(nn.gelu(nn.Dense(2 * self.features)(h)))
-        return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+_BENCHMARK = _benchmark_module()
+# Token and position embeddings, one pre-LayerNorm block (causal attention, GELU MLP), a final Dense.
+TinyTransformer = _BENCHMARK.TinyTransformer
+BATCH, LENGTH, VOCAB = _BENCHMARK.BATCH, _BENCHMARK.LENGTH, _BENCHMARK.VOCAB
 
 
 class Problem(NamedTuple):
