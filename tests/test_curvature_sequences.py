@@ -10,7 +10,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from conftest import dense_hessian, ravel, to_float64
 
@@ -29,9 +28,9 @@ def _benchmark_module():
     return module
 
 
+# Its TinyTransformer: token and position embeddings, one pre-LayerNorm block (causal attention, GELU MLP), a final
+# Dense, on B = 6 sequences of T = 4 tokens from V = 5.
 _BENCHMARK = _benchmark_module()
-# Token and position embeddings, one pre-LayerNorm block (causal attention, GELU MLP), a final Dense.
-TinyTransformer = _BENCHMARK.TinyTransformer
 BATCH, LENGTH, VOCAB = _BENCHMARK.BATCH, _BENCHMARK.LENGTH, _BENCHMARK.VOCAB
 
 
@@ -42,14 +41,6 @@ class Problem(NamedTuple):
     loss_fn: object
     hessian: np.ndarray
     ggn: np.ndarray
-
-
-def _token_loss(logits_fn):
-    def loss_fn(params, batch):
-        logits = logits_fn(params, batch.inputs)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels).mean()
-
-    return loss_fn
 
 
 def ravel_jax(tree) -> jax.Array:
@@ -69,27 +60,13 @@ def dense_ggn(logits_fn, params, inputs) -> np.ndarray:
 
 def _problem(train_steps: int) -> Problem:
     """The Transformer on a learnable next-token rule (label = token + 1 mod V, a fifth of the labels random),
-    trained for ``train_steps`` Adam steps on the batch itself."""
-    model = TinyTransformer()
-    tokens = jax.random.randint(jax.random.key(1), (BATCH, LENGTH), 0, VOCAB)
-    noise = jax.random.randint(jax.random.key(2), tokens.shape, 0, VOCAB)
-    labels = jnp.where(jax.random.uniform(jax.random.key(3), tokens.shape) < 0.2, noise, (tokens + 1) % VOCAB)
-    batch = jf.Batch(tokens, labels)
-    logits_fn = lambda p, x: model.apply({"params": p}, x)
-    loss_fn = _token_loss(logits_fn)
-    params = to_float64(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
-    if train_steps:
-        optimizer = optax.adam(1e-2)
-
-        def step(carry, _):
-            p, state = carry
-            updates, state = optimizer.update(jax.grad(loss_fn)(p, batch), state)
-            return (optax.apply_updates(p, updates), state), None
-
-        train = jax.jit(lambda p: jax.lax.scan(step, (p, optimizer.init(p)), None, length=train_steps)[0][0])
-        params = train(params)
-    hessian = dense_hessian(loss_fn, params, batch)
-    return Problem(params, batch, logits_fn, loss_fn, hessian, dense_ggn(logits_fn, params, tokens))
+    trained for ``train_steps`` Adam steps on the batch itself (the benchmark's problem), with its dense Hessian and
+    GGN."""
+    made = _BENCHMARK.make_problem("test", train_steps)
+    logits_fn, loss_fn = _BENCHMARK.logits_fn, _BENCHMARK.loss_fn
+    hessian = dense_hessian(loss_fn, made.params, made.batch)
+    ggn = dense_ggn(logits_fn, made.params, made.batch.inputs)
+    return Problem(made.params, made.batch, logits_fn, loss_fn, hessian, ggn)
 
 
 @pytest.fixture(scope="module")
