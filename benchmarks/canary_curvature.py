@@ -29,18 +29,17 @@ import platform
 import shlex
 import sys
 import tempfile
-import time
 
 import jax
 import numpy as np
 
 import jaxforget as jf
-from jaxforget import curvature, data, models, pipeline, settings
+from jaxforget import curvature, models, pipeline, settings
 from jaxforget.atomic import write_json_atomic
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 FRACTIONS = {"recall@0.1%": 0.001, "recall@1%": 0.01, "recall@10%": 0.1}
-BATCH = 64
+BATCH = pipeline._CURVATURE_BATCH  # windows per batch, as in the curvature stage
 
 
 def _candidates(model, params, probes: int, samples: int) -> dict:
@@ -75,14 +74,10 @@ def _candidates(model, params, probes: int, samples: int) -> dict:
 
 
 def _stream(fn, batches, key) -> tuple[np.ndarray, float]:
-    """The example-weighted mean of ``fn`` over ``batches``, raveled, and its seconds (every shape compiled first)."""
-    for batch in {jax.tree.map(np.shape, b): b for b in batches}.values():
-        jax.block_until_ready(fn(batch, key))
-    start = time.perf_counter()
-    diagonal = jax.block_until_ready(curvature.accumulate_diagonal(fn, batches, key))
-    return np.concatenate(
-        [np.ravel(np.asarray(leaf)) for leaf in jax.tree.leaves(diagonal)]
-    ), time.perf_counter() - start
+    """The curvature stage's streaming (every shape compiled first, then the example-weighted mean of ``fn`` over
+    ``batches``, timed), raveled."""
+    diagonal, seconds = pipeline._stream(lambda params, stats, batch, k: fn(batch, k), None, None, batches, key)
+    return np.concatenate([np.ravel(np.asarray(leaf)) for leaf in jax.tree.leaves(diagonal)]), seconds
 
 
 def _scores(estimate: np.ndarray, reference: np.ndarray, noise: float | None = None) -> dict:
@@ -124,9 +119,7 @@ def main(argv=None) -> int:
     training = setup.scenario.train
     if args.windows:
         training = jf.Batch(training.inputs[: args.windows], training.labels[: args.windows])
-    batches = list(
-        data.batches(training, min(BATCH, len(training.labels)), seed=0, shuffle=False, drop_remainder=False)
-    )
+    batches = pipeline._chunks(training, BATCH)
     key = jax.random.key(args.seed)
     loss_fn = models.loss_fn_for(setup.model, None)
     half = jax.jit(

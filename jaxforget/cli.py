@@ -322,9 +322,9 @@ def _run(args: argparse.Namespace, argv) -> int:
     stages = STAGES if args.command == "run" else (args.command,)
     last = STAGES.index(stages[-1])
     records, compute, curvature = [], [], []
+    wait = not args.no_wait
     for config in configs:
         workdir = pathlib.Path(args.workdir) / f"seed-{config.seed}"
-        wait = not args.no_wait
         stage_records = {stage: run_stage(stage, config, workdir, quiet=args.quiet, wait=wait) for stage in stages}
         for stage in STAGES[:last]:  # a stage run alone reports the times of those before it from their records
             if stage not in stage_records:
