@@ -17,7 +17,9 @@ outputs are numpy arrays or Python floats. Nothing is jitted.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -47,6 +49,7 @@ _BUFFER = 2.0  # metric.py:77, how far the double-threshold grid reaches beyond 
 _PEAKY_RATIO = 0.01  # metric.py:188
 _BUCKET_WIDTH = 0.5  # metric.py:331
 _PROBABILITY_FLOOR = 1e-45  # metric.py:57
+_THREADED_EXAMPLES = 16  # from this many forget examples, forgetting_epsilon spreads them over threads
 _MIN_VARIANCE = 1e-12  # keeps the LiRA Gaussians proper when a model family gives one example a constant confidence
 
 
@@ -194,23 +197,6 @@ def _counts_at_or_above(sorted_values: np.ndarray, thresholds: np.ndarray) -> np
     return sorted_values.size - np.searchsorted(sorted_values, thresholds, side="left")
 
 
-def _counts_inside(
-    first: np.ndarray, second: np.ndarray, left: np.ndarray, right: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """How many values of ``first`` and of ``second`` lie in [left, right] (0 when left > right).
-
-    One binary search into the pooled sorted values serves both: a running count says how many of each family lie
-    below any position."""
-    pooled = np.concatenate([first, second])
-    order = np.argsort(pooled, kind="stable")
-    first_below = np.concatenate([[0], np.cumsum(order < first.size)])
-    start = np.searchsorted(pooled[order], left, side="left")
-    stop = np.searchsorted(pooled[order], right, side="right")
-    in_first = first_below[stop] - first_below[start]
-    in_second = (stop - start) - in_first
-    return np.maximum(in_first, 0), np.maximum(in_second, 0)
-
-
 def _single_threshold_grid(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     """Thresholds t of the rule "confidence >= t: positive" (metric.py:132-162): 100 per unit over the pooled range."""
     low = min(pos.min(), neg.min())
@@ -218,17 +204,48 @@ def _single_threshold_grid(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     return np.linspace(low, high, math.ceil((high - low) * _THRESHOLDS_PER_UNIT))
 
 
-def _double_threshold_grid(peaky: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray]:
-    """Intervals [left, right] of the rule "left <= confidence <= right: the peakier family" (metric.py:64-129).
-
-    Right ends run 100 per unit from peaky.min + width - 2 to peaky.max + 2; for each, 400 left ends run from
-    right - width - 2 to right - width + 2. Returns left [R, 400] and right [R, 1]."""
+def _double_threshold_rights(peaky: np.ndarray, width: float) -> np.ndarray:
+    """Right ends of the intervals of the rule "left <= confidence <= right: the peakier family" (metric.py:64-129):
+    100 per unit from peaky.min + width - 2 to peaky.max + 2."""
     low, high = peaky.min() + width - _BUFFER, peaky.max() + _BUFFER
-    right = np.linspace(low, high, math.ceil((high - low) * _THRESHOLDS_PER_UNIT))
+    return np.linspace(low, high, math.ceil((high - low) * _THRESHOLDS_PER_UNIT))
+
+
+def _double_threshold_lefts(rights: np.ndarray, width: float) -> np.ndarray:
+    """For each right end, 400 left ends from right - width - 2 to right - width + 2: [len(rights), 400]."""
     num_left = math.ceil(2 * _BUFFER * _THRESHOLDS_PER_UNIT)
-    left = np.linspace(right - width - _BUFFER, right - width + _BUFFER, num_left, axis=-1)
+    left = np.linspace(rights - width - _BUFFER, rights - width + _BUFFER, num_left, axis=-1)
     # linspace lays the new axis out first; binary search over a contiguous copy runs about twice as fast.
-    return np.ascontiguousarray(left), right[:, None]
+    return np.ascontiguousarray(left)
+
+
+# Right ends per block of the double-threshold search. In one pass the search makes temporaries of 160,000 entries
+# (over 1 MB each), which the allocator serves from fresh memory maps, paying a page fault per page (most of the time
+# went to the kernel). Measured on 200 examples x 32 models (2 CPU cores): one pass 1.20 s, blocks of 16 right ends
+# 0.63 s, 64 0.53 s, 128 0.71 s; the results are bitwise the same.
+_RIGHTS_PER_BLOCK = 64
+
+
+def _double_threshold_best(peaky: np.ndarray, other: np.ndarray, width: float, table: np.ndarray) -> float:
+    """The largest epsilon of any interval of the double-threshold rule, ``table[count of peaky, count of other]``
+    over the intervals [left, right] of the grid (``peaky`` and ``other`` sorted).
+
+    One binary search into the pooled sorted values serves both families: a running count says how many of
+    ``peaky`` lie below any position."""
+    pooled = np.concatenate([peaky, other])
+    order = np.argsort(pooled, kind="stable")
+    pooled_sorted = pooled[order]
+    peaky_below = np.concatenate([[0], np.cumsum(order < peaky.size)])
+    rights = _double_threshold_rights(peaky, width)
+    best = -np.inf
+    for first in range(0, rights.size, _RIGHTS_PER_BLOCK):
+        right = rights[first : first + _RIGHTS_PER_BLOCK]
+        start = np.searchsorted(pooled_sorted, _double_threshold_lefts(right, width), side="left")
+        stop = np.searchsorted(pooled_sorted, right, side="right")[:, None]
+        in_peaky = np.maximum(peaky_below[stop] - peaky_below[start], 0)  # 0 where left > right
+        in_other = np.maximum((stop - start) - in_peaky, 0)
+        best = max(best, float(table[in_peaky, in_other].max()))
+    return best
 
 
 def _example_epsilon(unlearned: np.ndarray, retrained: np.ndarray, tables: dict[tuple[int, int], np.ndarray]) -> float:
@@ -248,10 +265,9 @@ def _example_epsilon(unlearned: np.ndarray, retrained: np.ndarray, tables: dict[
 
     # The challenge calls the family with the smaller range the positive one here (ties: the lower-median family).
     peaky, other = (neg_sorted, pos_sorted) if pos_range >= neg_range else (pos_sorted, neg_sorted)
-    left, right = _double_threshold_grid(peaky, smallest)
-    double = tables[peaky.size, other.size][_counts_inside(peaky, other, left, right)]
+    double = _double_threshold_best(peaky, other, smallest, tables[peaky.size, other.size])
 
-    best = max(single.max(initial=-np.inf), double.max())
+    best = max(single.max(initial=-np.inf), double)
     # Each kept threshold's epsilon is clipped at 0 (metric.py:264), so the max is at least 0. The challenge asserts
     # when no threshold is kept (both families the same constant); that is no evidence of a difference: 0.
     return float(np.clip(best, 0.0, EPSILON_CAP))
@@ -285,7 +301,8 @@ def forgetting_epsilon(unlearned: Any, retrained: Any, *, delta: float = DELTA) 
     grid point; K_u and K_r may differ (the challenge took them equal); epsilon 0 where the challenge would stop at
     an assertion because no rule is kept (both families one and the same constant).
 
-    Cost: about 160,000 double-threshold intervals per example whatever K; a few milliseconds per example on a CPU.
+    Cost: about 160,000 double-threshold intervals per example whatever K: about 2.6 ms per example on one CPU core,
+    spread over threads from 16 examples (1.8 ms per example on 2 cores).
 
     Args:
       unlearned: confidences [K_u, N] of the N forget examples under K_u >= 2 unlearned models.
@@ -303,7 +320,15 @@ def forgetting_epsilon(unlearned: Any, retrained: Any, *, delta: float = DELTA) 
     delta = _check_delta(delta)
     sizes = {(u.shape[0], r.shape[0]), (r.shape[0], u.shape[0])}
     tables = {size: _epsilon_table(*size, delta) for size in sizes}
-    return np.array([_example_epsilon(u[:, i], r[:, i], tables) for i in range(u.shape[1])])
+
+    def one(i: int) -> float:
+        return _example_epsilon(u[:, i], r[:, i], tables)
+
+    if u.shape[1] < _THREADED_EXAMPLES:
+        return np.array([one(i) for i in range(u.shape[1])])
+    # numpy's binary searches and gathers release the GIL: threads over examples ran 1.5x faster on 2 cores.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8)) as pool:
+        return np.array(list(pool.map(one, range(u.shape[1]))))
 
 
 def forgetting_score(epsilons: Any, *, num_models: int) -> float:
