@@ -9,11 +9,12 @@ separate the two ends of the scale on this task:
 - ``retrained vs retrained``: two disjoint sets of retrained models, i.e. perfect unlearning. It would score 1 with
   infinitely many models; with K models the threshold attacks find spurious separation in the tails.
 
-Both families are trained as ensembles (``jaxforget.ensembles``; each model differs in initialization and batch order)
-on the main job's label flip (its split and group of seed ``--seed``, its model, steps and learning rate; options this
-script does not know are the main job's, e.g. ``--dataset mnist5k --model cnn``; default: the MLP on digits). The
-confidence is the logit-scaled confidence of Z's training (flipped) label. For each K this records both scores with a
-bootstrap interval over models (re-centred, see ``forgetting.bootstrap_interval``) and the U-LiRA AUC.
+Both families are trained as ``jaxforget run --forgetting K`` trains its families (``pipeline.train_family``; each
+model differs in initialization and batch order) on the main job's label flip (its split and group of seed ``--seed``,
+its model, steps and learning rate; options this script does not know are the main job's, e.g. ``--dataset mnist5k
+--model cnn``; default: the MLP on digits). The confidence is the logit-scaled confidence of Z's training (flipped)
+label. For each K this records both scores with a bootstrap interval over models (re-centred, see
+``forgetting.bootstrap_interval``) and the U-LiRA AUC.
 
     python experiments/forgetting_models.py          # about 4 minutes on 2 CPU cores (MLP on digits)
 
@@ -29,31 +30,11 @@ import sys
 import time
 
 import jax
-import numpy as np
-import optax
 
-from jaxforget import cli, ensembles, forgetting, models, pipeline, settings
+from jaxforget import cli, forgetting, pipeline, settings
 from jaxforget.atomic import write_json_atomic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _train_family(setup: pipeline.Setup, config: settings.RunConfig, data, seeds: list[int]):
-    init = jax.jit(ensembles.create_stacked_states, static_argnums=(0, 2, 3))
-    state = init(setup.model, ensembles.keys_for_seeds(seeds), setup.input_shape, optax.adam(config.learning_rate))
-    step = jax.jit(ensembles.indexed_train_step)
-    state, _ = ensembles.train_stacked(state, data, config.batch_size, seeds, step, num_steps=config.train_steps)
-    return state
-
-
-def _confidences(setup: pipeline.Setup, state, batch) -> np.ndarray:
-    """Logit-scaled confidences [K, n] of ``batch``'s labels under each stacked model."""
-
-    def logits(params, stats):
-        return models.logits_fn_for(setup.model, stats)(params, batch.inputs)
-
-    stacked = jax.jit(jax.vmap(logits))(state.params, state.batch_stats)
-    return forgetting.logit_scaled_confidence(np.asarray(stacked), batch.labels)
 
 
 def main(argv=None) -> int:
@@ -71,14 +52,14 @@ def main(argv=None) -> int:
     settings.check_config(config)
     setup = pipeline.setup(config)
     scenario = setup.scenario
-    group = jax.tree.map(lambda a: a[scenario.group], scenario.train)  # Z with its flipped labels
+    group = scenario.poisoned_group  # Z with its flipped labels
     start = time.perf_counter()
     largest = ks[-1]
-    poisoned = _train_family(setup, config, scenario.train, [1000 + k for k in range(largest)])
-    retrained = _train_family(setup, config, scenario.clean, [2000 + k for k in range(2 * largest)])
+    poisoned, _ = pipeline.train_family(setup, config, scenario.train, [1000 + k for k in range(largest)])
+    retrained, _ = pipeline.train_family(setup, config, scenario.clean, [2000 + k for k in range(2 * largest)])
     train_seconds = time.perf_counter() - start
-    on_poisoned = _confidences(setup, poisoned, group)
-    on_retrained = _confidences(setup, retrained, group)
+    on_poisoned = pipeline.family_confidences(setup, config, poisoned, group)
+    on_retrained = pipeline.family_confidences(setup, config, retrained, group)
     key = jax.random.key(args.seed)
     rows = []
     for k in ks:

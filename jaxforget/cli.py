@@ -259,6 +259,8 @@ def _report(configs, records, compute, curvature, out: pathlib.Path, seconds: fl
         estimator = f"; the Hessian rules rank by the {pipeline.hessian_estimator(config)}"
     else:
         group, estimator = f"{config.scenario} group of {config.group_size}", ""
+    if config.forgetting:  # which K the forgetting columns used: they compare only at equal K
+        estimator += f"; forgetting scored over {config.forgetting} models per family"
     title = (
         f"jaxforget: {config.model} on {config.dataset}, {group}, "
         f"budget {config.budget:g}, seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}{estimator}"
@@ -276,6 +278,8 @@ def _report(configs, records, compute, curvature, out: pathlib.Path, seconds: fl
     per_seed = [r["rows"] for r in records]
     paired = len(seeds) > 1 and "hessian-largest" in config.selections
     compared = report.CANARY_PAIRED_METRICS if config.scenario == "canary" else report.PAIRED_METRICS
+    if config.forgetting:
+        compared = (*compared, *report.FORGETTING_PAIRED_METRICS)
     comparisons = (
         report.paired_comparisons(per_seed, metrics=compared, relearn_cap=config.relearn_steps) if paired else None
     )

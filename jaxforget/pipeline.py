@@ -29,10 +29,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxforget import checkpoint, curvature, data, exposure, metrics, models, scenarios, selection, text, train, unlearn
+from jaxforget import (
+    checkpoint,
+    curvature,
+    data,
+    ensembles,
+    exposure,
+    forgetting,
+    metrics,
+    models,
+    scenarios,
+    selection,
+    text,
+    train,
+    unlearn,
+)
 from jaxforget.settings import (
     ESTIMATOR_OF,
     FINETUNE_UPDATES,
+    MAX_FAMILY,
     SELECTIONS,
     STAGES,
     UPDATES,
@@ -62,6 +77,8 @@ __all__ = [
     "stage_arrays",
     "Updates",
     "all_finite",
+    "train_family",
+    "family_confidences",
 ]
 
 PyTree = Any
@@ -410,6 +427,9 @@ def _stage_train(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict, di
         record["models"][name] = store.write_record(name, key, entry, files={relative: digest})
         files[relative] = digest
         log(f"train: {name} model, validation accuracy {accuracy:.4f} ({config.train_steps} steps, {seconds:.1f} s)")
+    if config.forgetting:
+        record["families"], family_files = _train_families(store, setup_, config, key, log)
+        files.update(family_files)
     return record, files
 
 
@@ -524,6 +544,7 @@ def _stage_curvature(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict
 
     trees = {**diagonals, "reference": reference}
     arrays, digest = store.save_trees("curvature", stage_key(config, "curvature"), trees)
+    files = {arrays: digest}
     flat = np.concatenate([np.ravel(np.asarray(leaf)) for leaf in jax.tree.leaves(reference)])
     record = {
         "arrays": arrays,
@@ -539,7 +560,10 @@ def _stage_curvature(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict
         f"curvature: one gradient on {len(batch.labels)} samples takes {1e3 * gradient_seconds:.1f} ms; "
         f"{record['zero_share']:.1%} of the exact diagonal is exactly zero"
     )
-    return record, {arrays: digest}
+    if config.forgetting:
+        record["family"] = _family_curvature(store, setup_, config, needed, chunks, log)
+        files.update(record["family"]["files"])
+    return record, files
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -547,7 +571,9 @@ def _stage_curvature(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict
 
 
 def _masks(setup_: Setup, config: RunConfig, state: train.TrainState, diagonals: dict[str, PyTree]):
-    """``make_mask(name) -> mask`` for every selection rule, and the layers the "last-layers" rule draws from."""
+    """``make_mask(name) -> mask`` for every selection rule; ``mask_of(name, diagonals, params, key) -> mask``, the
+    same rule for any model of this architecture (pure, so it vmaps over a family); the layers the "last-layers" rule
+    draws from."""
     params = state.params
     top = jax.jit(selection.select_top, static_argnames=("fraction", "largest"))
     random_top = jax.jit(selection.select_random, static_argnames="fraction")
@@ -558,7 +584,7 @@ def _masks(setup_: Setup, config: RunConfig, state: train.TrainState, diagonals:
     last_layers = selection.last_layers_holding(params, layers, max(1, round(config.budget * total)))
     inside = selection.select_layers(params, last_layers)
 
-    def make_mask(name):
+    def mask_of(name, diagonals, params, key):
         hessian = diagonals.get("hessian")
         if name == "hessian-smallest-nonzero":  # zeros (dead units) would be chosen first, and nothing would move
             scores = jax.tree.map(lambda d: jnp.where(d != 0, d, jnp.inf), hessian)
@@ -569,12 +595,15 @@ def _masks(setup_: Setup, config: RunConfig, state: train.TrainState, diagonals:
         if name in ESTIMATOR_OF:
             return top(diagonals[ESTIMATOR_OF[name]], fraction=config.budget, largest=not name.endswith("smallest"))
         if name == "random":
-            return random_top(params, fraction=config.budget, key=jax.random.key(config.seed))
+            return random_top(params, fraction=config.budget, key=key)
         if name == "last-layer":
             return selection.select_layers(params, layers[-1])
         return jax.tree.map(lambda p: np.ones(p.shape, bool), params)
 
-    return make_mask, last_layers
+    def make_mask(name):
+        return mask_of(name, diagonals, params, jax.random.key(config.seed))
+
+    return make_mask, mask_of, last_layers
 
 
 def _stage_select(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict, dict]:
@@ -582,7 +611,7 @@ def _stage_select(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict, d
     state = restore_model(store.root, "poisoned", config)
     curvature_record = _require(store, "curvature", config)
     diagonals = _arrays(store, curvature_record, state.params)
-    make_mask, last_layers = _masks(setup_, config, state, diagonals)
+    make_mask, mask_of, last_layers = _masks(setup_, config, state, diagonals)
     reference_top = selection.select_top(diagonals["reference"], config.budget)
     reference_count = _tree_count(reference_top)
     masks, summary = {}, {}
@@ -606,7 +635,11 @@ def _stage_select(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict, d
         raise ValueError(f"--budget {config.budget:g} selects no parameter for {', '.join(empty)}; raise it.")
     arrays, digest = store.save_trees("masks", stage_key(config, "select"), masks)
     log(f"select: {len(masks)} masks over {total:,} parameters at budget {config.budget:g}")
-    return {"arrays": arrays, "num_params": total, "masks": summary}, {arrays: digest}
+    record, files = {"arrays": arrays, "num_params": total, "masks": summary}, {arrays: digest}
+    if config.forgetting:
+        record["family"] = _family_masks(store, setup_, config, mask_of, curvature_record, log)
+        files.update(record["family"]["files"])
+    return record, files
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -684,13 +717,34 @@ class _Finetuning:
         self.seed = config.seed
         self.compiled: set = set()
 
+    def _retained(self, update: str, steps: int) -> list[models.Batch] | None:
+        """The retained batch of each step (None for the variant that sees Z~ only)."""
+        if update == "finetune-corrected":
+            return None
+        epochs = -(-steps * self.batch // len(self.retain_data.labels))
+        stream = data.batches(self.retain_data, self.batch, seed=self.seed, epochs=epochs)
+        return [b for b, _ in zip(stream, range(steps), strict=False)]
+
+    def run_family(self, template, variables: dict, update: str, masks, values: dict, sequential: bool) -> PyTree:
+        """The stacked params of a family (``variables``) after ``update``: each model fine-tuned on the same
+        batches as :meth:`run` uses, from a fresh optimizer, with only its own mask free."""
+        steps, retain = values["finetune_steps"], self._retained(update, values["finetune_steps"])
+        ascent = values.get("ascent_weight", 0.0) if update == "finetune-ascent" else 0.0
+        count = ensembles.num_models(masks)
+        state = template.replace(
+            params=variables["params"], batch_stats=variables["batch_stats"], step=jnp.zeros(count, jnp.int32)
+        )
+        state = ensembles.with_stacked_optimizer(state, _adam(values["finetune_lr"]), masks)
+        step = _family_finetune_step(retain is not None, ascent, sequential)
+        for i in range(steps):
+            old = self.old[i % len(self.old)] if ascent > 0 else None
+            kept = None if retain is None else retain[i % len(retain)]  # cycled, as finetune_unlearn does
+            state, _ = step(state, self.new[i % len(self.new)], kept, old)
+        return state.params
+
     def run(self, state, update: str, mask, values: dict):
         steps = values["finetune_steps"]
-        retain = None
-        if update != "finetune-corrected":
-            epochs = -(-steps * self.batch // len(self.retain_data.labels))
-            stream = data.batches(self.retain_data, self.batch, seed=self.seed, epochs=epochs)
-            retain = [b for b, _ in zip(stream, range(steps), strict=False)]
+        retain = self._retained(update, steps)
         ascent = values.get("ascent_weight", 0.0) if update == "finetune-ascent" else 0.0
 
         def go(count):
@@ -754,6 +808,41 @@ class Updates:
             args = (params, stats, self.old, self.new, mask, self.hessian, jnp.float32(values["damping"]))
         return functools.partial(self.one_step[update], *args), {}
 
+    def family_runner(
+        self, update: str, variables: dict[str, PyTree], masks: PyTree, hessian: PyTree, values: dict
+    ) -> Callable[[], PyTree]:
+        """``run() -> new params [K, ...]``: ``update`` with ``values`` applied to each model of a stacked family
+        (``variables``: its ``params`` and ``batch_stats``), each with its own mask and Hessian estimate."""
+        params, stats = variables["params"], variables["batch_stats"]
+        sequential = _sequential_models(self.config)
+        if update in FINETUNE_UPDATES:
+            run = self.finetuning.run_family
+            return functools.partial(run, self.state, variables, update, masks, values, sequential)
+        if update == "cg":
+            fn = _cg_update(self.setup.model, self.num_train, float(values["cg_damping"]), self.config.cg_iterations)
+            each = _family_function(fn, (0, 0, None, None, 0, None), sequential)
+            return lambda: each(params, stats, self.old, self.new, masks, self._stacked)[0]
+        if update == "first-order":
+            each = _family_function(self.one_step[update], (0, 0, None, None, 0, None), sequential)
+            args = (params, stats, self.old, self.new, masks, jnp.float32(values["tau"]))
+        else:
+            each = _family_function(self.one_step[update], (0, 0, None, None, 0, 0, None), sequential)
+            args = (params, stats, self.old, self.new, masks, hessian, jnp.float32(values["damping"]))
+        return lambda: each(*args)[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _family_function(fn: Callable, in_axes: tuple, sequential: bool) -> Callable:
+    """``fn`` over a family's model axis, jitted once per function (one compilation serves every method)."""
+    return jax.jit(_per_model(fn, in_axes, sequential))
+
+
+@functools.lru_cache(maxsize=8)
+def _family_finetune_step(retain: bool, ascent_weight: float, sequential: bool) -> Callable:
+    """:func:`jaxforget.unlearn.finetune_step` over a stacked state's model axis, jitted."""
+    step = functools.partial(unlearn.finetune_step, retain_weight=1.0 if retain else 0.0, ascent_weight=ascent_weight)
+    return jax.jit(_per_model(step, (0, None, None, None), sequential))
+
 
 def all_finite(tree: PyTree) -> bool:
     """Whether every entry of every leaf of ``tree`` is finite (on the host)."""
@@ -794,6 +883,9 @@ def _stage_unlearn(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict, 
             log(f"unlearn: {name:<42} {seconds:7.3f} s")
         files.update(entry["files"])
         record["methods"][name] = {k: v for k, v in entry.items() if k != "inputs"}
+    if config.forgetting:
+        record["family"], family_files = _family_unlearn(store, setup_, config, updates, log)
+        files.update(family_files)
     return record, files
 
 
@@ -961,7 +1053,249 @@ def _stage_evaluate(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict,
         # two differences of a few characters would only amplify noise.
         missing = np.isnan(restored) or setup_.canary is not None
         row["accuracy_restored"] = None if missing else restored
-    return {"rows": rows, "relearn_threshold": poisoned_fit}, {}
+    record = {"rows": rows, "relearn_threshold": poisoned_fit}
+    if config.forgetting:
+        columns, record["forgetting"] = _score_families(store, setup_, config, log)
+        for row in rows:
+            row.update(columns[row["method"]])
+    return record, {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The forgetting score (--forgetting K): families of K models along a leading model axis (jaxforget.ensembles),
+# trained, estimated, selected, unlearned and scored together by the stages above, each vmapped over the models.
+#
+# Three families, each model with its own initialization and batch order: K poisoned models (every method unlearns
+# each of them), K retrained references, and K more retrained models scored against the references as if they were
+# an unlearned family: the score of perfect unlearning at this K (with finitely many models the threshold attacks find
+# spurious separation, so it is below 1 and the only fair yardstick).
+
+_FAMILIES = {"poisoned": "train", "retrained": "clean", "baseline": "clean"}  # family: its training set
+_FAMILY_ROWS = 2048  # models x samples per forward pass when a family is evaluated
+
+
+def _family_seeds(config: RunConfig, family: str) -> list[int]:
+    """The seeds (initialization and batch order) of a family's K models: distinct across families and --seed."""
+    base = (config.seed + 1) * len(_FAMILIES) * MAX_FAMILY + list(_FAMILIES).index(family) * MAX_FAMILY
+    return [base + k for k in range(config.forgetting)]
+
+
+def _sequential_models(config: RunConfig) -> bool:
+    """Whether to loop over the models instead of vmapping them: XLA's CPU backend runs vmapped convolutions with
+    per-model kernels several times slower than one at a time (benchmarks/ensembles.py)."""
+    return config.model != "mlp" and jax.default_backend() == "cpu"
+
+
+def _per_model(fn: Callable, in_axes: tuple, sequential: bool) -> Callable:
+    """``fn`` over a leading model axis of the arguments whose ``in_axes`` entry is 0 (None: shared by all models):
+    ``jax.vmap``, or ``jax.lax.map`` (one model at a time, inside one program) when ``sequential``."""
+    if not sequential:
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def mapped(*args):
+        stacked = tuple(arg for arg, axis in zip(args, in_axes, strict=True) if axis == 0)
+
+        def one(sliced):
+            pieces = iter(sliced)
+            return fn(*(next(pieces) if axis == 0 else arg for arg, axis in zip(args, in_axes, strict=True)))
+
+        return jax.lax.map(one, stacked)
+
+    return mapped
+
+
+def _models_mesh(num_models: int):
+    """A mesh over every device when there are several and they divide the number of models, else ``None``."""
+    count = jax.device_count()
+    return ensembles.models_mesh() if count > 1 and num_models % count == 0 else None
+
+
+def _variables_like(setup_: Setup, config: RunConfig) -> dict[str, PyTree]:
+    init = lambda key: train.create_train_state(setup_.model, key, setup_.input_shape, optax.sgd(0.0))  # noqa: E731
+    state = jax.eval_shape(init, jax.random.key(config.seed))
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _family_logits(setup_: Setup, config: RunConfig) -> Callable:
+    """``logits(params [K, ...], stats [K, ...], inputs [n, ...]) -> [K, n, classes]``, jitted."""
+
+    def one(params, stats, inputs):
+        return models.logits_fn_for(setup_.model, stats)(params, inputs)
+
+    return jax.jit(_per_model(one, (0, 0, None), _sequential_models(config)))
+
+
+def _family_outputs(logits: Callable, variables: dict, batch: models.Batch) -> np.ndarray:
+    """The logits [K, n, classes] of every model on ``batch``, in chunks that keep K x chunk under _FAMILY_ROWS."""
+    size = max(1, _FAMILY_ROWS // ensembles.num_models(variables["params"]))
+    parts = [
+        np.asarray(logits(variables["params"], variables["batch_stats"], batch.inputs[i : i + size]))
+        for i in range(0, len(batch.labels), size)
+    ]
+    return np.concatenate(parts, axis=1)
+
+
+def _family_accuracy(logits: Callable, variables: dict, batch: models.Batch) -> np.ndarray:
+    """Each model's accuracy [K] on ``batch``."""
+    predicted = _family_outputs(logits, variables, batch).argmax(-1)
+    return (predicted == np.asarray(batch.labels)[None]).mean(axis=1)
+
+
+def train_family(
+    setup_: Setup, config: RunConfig, training_set: models.Batch, seeds: list[int]
+) -> tuple[dict[str, PyTree], dict[str, np.ndarray]]:
+    """``len(seeds)`` models of ``config``'s architecture trained together on ``training_set``, model k from seed
+    ``seeds[k]`` (its initialization and batch order) with the train stage's steps, batch size and learning rate;
+    the model axis sharded over every device when they divide it.
+
+    Returns:
+      ``({"params", "batch_stats"} stacked [K, ...], history)``: the loss and accuracy of each step, [steps, K].
+    """
+    init = jax.jit(ensembles.create_stacked_states, static_argnums=(0, 2, 3))
+    step = jax.jit(functools.partial(ensembles.indexed_train_step, unrolled=_sequential_models(config)))
+    state = init(setup_.model, ensembles.keys_for_seeds(seeds), setup_.input_shape, _adam(config.learning_rate))
+    mesh = _models_mesh(len(seeds))
+    state, history = ensembles.train_stacked(
+        state, training_set, config.batch_size, seeds, step, num_steps=config.train_steps, mesh=mesh
+    )
+    return jax.block_until_ready({"params": state.params, "batch_stats": state.batch_stats}), history
+
+
+def family_confidences(
+    setup_: Setup, config: RunConfig, variables: dict[str, PyTree], batch: models.Batch
+) -> np.ndarray:
+    """The logit-scaled confidence [K, n] of each of ``batch``'s labels under each model of a stacked family."""
+    outputs = _family_outputs(_family_logits(setup_, config), variables, batch)
+    return forgetting.logit_scaled_confidence(outputs, batch.labels)
+
+
+def _train_families(store: Workdir, setup_: Setup, config: RunConfig, key: str, log: _Log) -> tuple[dict, dict]:
+    """Trains (or reuses) the three families; their records and files."""
+    record, files = {}, {}
+    logits = _family_logits(setup_, config)
+    for family, data_name in _FAMILIES.items():
+        name = f"family-{family}"
+        done = store.record(name, key)
+        if done is None:
+            seeds = _family_seeds(config, family)
+            training_set = getattr(setup_.scenario, data_name)
+            start = time.perf_counter()
+            variables, history = train_family(setup_, config, training_set, seeds)
+            seconds = time.perf_counter() - start
+            accuracy = _family_accuracy(logits, variables, setup_.validation)
+            arrays, digest = store.save_trees(name, key, {"variables": variables})
+            entry = {
+                "models": config.forgetting,
+                "seeds": [seeds[0], seeds[-1]],
+                "training_set": data_name,
+                "seconds": seconds,
+                "final_loss": float(np.mean(history["loss"][-1])),
+                "validation_accuracy": float(accuracy.mean()),
+                "validation_accuracy_range": [float(accuracy.min()), float(accuracy.max())],
+                "arrays": arrays,
+            }
+            done = store.write_record(name, key, entry, files={arrays: digest})
+            log(
+                f"train: {config.forgetting} {family} models together in {seconds:.1f} s, validation accuracy "
+                f"{accuracy.mean():.4f} (from {accuracy.min():.4f} to {accuracy.max():.4f})"
+            )
+        else:
+            log(f"train: the {family} family already trained (reusing {store.path(name, key, '.npz')})")
+        record[family] = done
+        files.update(done["files"])
+    return record, files
+
+
+def _family(store: Workdir, setup_: Setup, config: RunConfig, family: str) -> dict[str, PyTree]:
+    """``{"params", "batch_stats"}`` of a trained family, stacked, checked against the train stage's record."""
+    entry = _require(store, "train", config)["families"][family]
+    return _arrays(store, entry, _variables_like(setup_, config))["variables"]
+
+
+def _family_curvature(
+    store: Workdir, setup_: Setup, config: RunConfig, needed: list[str], chunks: list, log: _Log
+) -> dict:
+    """Every needed estimate for each poisoned model of the family, streamed like the single model's."""
+    variables = _family(store, setup_, config, "poisoned")
+    params, stats = variables["params"], variables["batch_stats"]
+    scenario, count = setup_.scenario, config.forgetting
+    estimators = _estimators(setup_.model, config.probes)
+    sequential = _sequential_models(config)
+    key = jax.random.key(config.seed)
+    diagonals, seconds = {}, {}
+    for name in needed:
+        if name == "unlearning-gradient":
+            fn = jax.jit(_per_model(estimators[name], (0, 0, None, None), sequential))
+            pair = (scenario.poisoned_group, scenario.corrected)
+            diagonals[name], seconds[name] = _median_seconds(fn, (params, stats, pair, key), 1)
+        else:
+            each = _per_model(estimators[name], (0, 0, None, 0), sequential)
+            fn = jax.jit(lambda p, s, b, k, each=each: each(p, s, b, jax.random.split(k, count)))
+            batches = [scenario.poisoned_group] if name == "gradient" else chunks
+            diagonals[name], seconds[name] = _stream(fn, params, stats, batches, key)
+        log(f"curvature: {name} for the {count} poisoned models in {seconds[name]:.2f} s")
+    arrays, digest = store.save_trees("family-curvature", stage_key(config, "curvature"), diagonals)
+    return {"arrays": arrays, "files": {arrays: digest}, "seconds": seconds}
+
+
+def _family_masks(
+    store: Workdir, setup_: Setup, config: RunConfig, mask_of: Callable, curvature_record: dict, log: _Log
+) -> dict:
+    """Each selection rule's mask for each poisoned model of the family, from that model's own estimates."""
+    like = _variables_like(setup_, config)["params"]
+    variables = _family(store, setup_, config, "poisoned")
+    diagonals = _arrays(store, curvature_record["family"], like)
+    keys = jax.random.split(jax.random.key(config.seed), config.forgetting)
+    masks, seconds, selected = {}, {}, {}
+    for name in config.selections:
+        fn = jax.jit(jax.vmap(functools.partial(mask_of, name)))
+        masks[name], seconds[name] = _median_seconds(fn, (diagonals, variables["params"], keys), 1)
+        counts = [_tree_count(ensembles.unstack(masks[name], k)) for k in range(config.forgetting)]
+        selected[name] = [min(counts), max(counts)]
+    arrays, digest = store.save_trees("family-masks", stage_key(config, "select"), masks)
+    log(f"select: {len(masks)} masks for each of the {config.forgetting} poisoned models")
+    return {"arrays": arrays, "files": {arrays: digest}, "seconds": seconds, "selected": selected}
+
+
+def _family_unlearn(store: Workdir, setup_: Setup, config: RunConfig, updates: Updates, log: _Log) -> tuple[dict, dict]:
+    """Every method on each poisoned model of the family (one record per method, so a rerun keeps finished ones)."""
+    like = _variables_like(setup_, config)["params"]
+    variables = _family(store, setup_, config, "poisoned")
+    masks = _arrays(store, _require(store, "select", config)["family"], like)
+    hessian = _arrays(store, _require(store, "curvature", config)["family"], like)["hessian"]
+    record, files = {}, {}
+    for selection_name, update in methods(config):
+        name = _method_name(selection_name, update)
+        output = f"family-unlearned/{selection_name}--{update}"
+        this_key = method_key(config, selection_name, update)
+        entry = store.record(output, this_key, report_stale=False)
+        if entry is None:
+            values = hyperparameters(config, update, selection_name)
+            run = updates.family_runner(update, variables, masks[selection_name], hessian, values)
+            new_params, seconds = _median_seconds(run, (), 1)
+            arrays, digest = store.save_trees(output, this_key, {"params": new_params})
+            finite = [all_finite(ensembles.unstack(new_params, k)) for k in range(config.forgetting)]
+            entry = {"seconds": seconds, "hyperparameters": values, "finite": int(sum(finite)), "arrays": arrays}
+            entry = store.write_record(output, this_key, entry, files={arrays: digest})
+            log(f"unlearn: {name:<42} {seconds:7.3f} s for {config.forgetting} models")
+        files.update(entry["files"])
+        record[name] = entry
+    return record, files
+
+
+def _forgetting_scores(config: RunConfig, confidences: np.ndarray, reference: np.ndarray, key) -> dict[str, Any]:
+    """The forgetting score (with its bootstrap interval over models) and the LiRA attack of one family against
+    the retrained references."""
+    interval = forgetting.bootstrap_interval(
+        forgetting.forgetting_score_from_confidences, confidences, reference, key, resamples=config.forgetting_resamples
+    )
+    lira = forgetting.lira_attack(confidences, reference)
+    return {
+        "forgetting_score": interval.estimate,
+        "forgetting_interval": [interval.low, interval.high],
+        "lira_auc": lira.auc,
+        "lira_tpr_at_1_fpr": lira.tpr_at_fpr,
+    }
 
 
 _STAGE_FUNCTIONS = {
@@ -1004,3 +1338,56 @@ def run_stage(
         record, files = _STAGE_FUNCTIONS[stage](store, config, log)
         record["stage_seconds"] = time.perf_counter() - start
         return store.write_record(stage, key, record, files=files, inputs=_previous(stage, config))
+
+
+def _score_families(store: Workdir, setup_: Setup, config: RunConfig, log: _Log) -> tuple[dict[str, dict], dict]:
+    """The forgetting columns of every row (``poisoned``: the poisoned family; ``retrained``: the baseline family;
+    each method: its family of unlearned models), all against the retrained references, and what they rest on."""
+    scenario, count = setup_.scenario, config.forgetting
+    logits = _family_logits(setup_, config)
+    group = scenario.poisoned_group  # Z with the labels trained on: what the unlearned models must not remember
+    retained = _take(scenario.train, np.setdiff1d(np.arange(len(scenario.train.labels)), scenario.group))
+
+    def measure(variables):
+        confidences = forgetting.logit_scaled_confidence(_family_outputs(logits, variables, group), group.labels)
+        retain = _family_accuracy(logits, variables, retained).mean()
+        test = _family_accuracy(logits, variables, setup_.test).mean()
+        return confidences, float(retain), float(test)
+
+    reference, reference_retain, reference_test = measure(_family(store, setup_, config, "retrained"))
+    key = jax.random.key(config.seed)
+    start = time.perf_counter()
+
+    def columns(variables, index: int) -> dict:
+        confidences, retain, test = measure(variables)
+        scores = _forgetting_scores(config, confidences, reference, jax.random.fold_in(key, index))
+        final = forgetting.final_score(scores["forgetting_score"], retain, reference_retain, test, reference_test)
+        return {**scores, "final_score": final, "family_retain_accuracy": retain, "family_test_accuracy": test}
+
+    poisoned = _family(store, setup_, config, "poisoned")
+    found = {"poisoned": columns(poisoned, 0), "retrained": columns(_family(store, setup_, config, "baseline"), 1)}
+    like = _variables_like(setup_, config)["params"]
+    family_methods = _require(store, "unlearn", config)["family"]
+    for index, (selection_name, update) in enumerate(methods(config), start=2):
+        name = _method_name(selection_name, update)
+        entry = family_methods[name]
+        cost = {"family_seconds_per_model": entry["seconds"] / count}
+        if entry["finite"] < count:  # a diverged model has no confidence to score
+            found[name] = {**cost, "forgetting_score": None, "final_score": None, "lira_auc": None}
+            log.notice(f"evaluate: {name} left {count - entry['finite']} of {count} models non-finite; not scored")
+            continue
+        params = _arrays(store, entry, like)["params"]
+        found[name] = {**cost, **columns({"params": params, "batch_stats": poisoned["batch_stats"]}, index)}
+    seconds = time.perf_counter() - start
+    log(f"evaluate: forgetting scores of {len(found)} families of {count} models in {seconds:.1f} s")
+    summary = {
+        "models": count,
+        "reference": f"{count} models retrained on (D \\ Z) + Z~",
+        "baseline": f"the retrained row: {count} more retrained models, scored as an unlearned family",
+        "examples": int(scenario.size),
+        "confidence": "logit-scaled confidence of the labels Z was trained with",
+        "resamples": config.forgetting_resamples,
+        "reference_retain_accuracy": reference_retain,
+        "reference_test_accuracy": reference_test,
+    }
+    return found, summary

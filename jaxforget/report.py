@@ -23,6 +23,7 @@ from jaxforget.atomic import open_atomic, write_json_atomic, write_text_atomic
 __all__ = [
     "COLUMNS",
     "CANARY_PAIRED_METRICS",
+    "FORGETTING_PAIRED_METRICS",
     "HIGHER_IS_BETTER",
     "PAIRED_METRICS",
     "aggregate",
@@ -52,14 +53,20 @@ COLUMNS = (
     ("curvature_share", "curv>10%", "{:.0%}"),
     ("exposure", "exposure", "{:.2f}"),
     ("bits_per_char", "bits/char", "{:.3f}"),
+    ("forgetting_score", "forget score", "{:.3f}"),
+    ("final_score", "final", "{:.3f}"),
+    ("lira_auc", "LiRA AUC", "{:.3f}"),
+    ("family_seconds_per_model", "s/model", "{:.3f}"),
 )
-# Scores of one scenario only (the canary's): their columns show only when some row has them.
-_OPTIONAL = ("exposure", "bits_per_char")
+# Scores of one scenario (the canary's) or of --forgetting only: their columns show only when some row has them.
+_OPTIONAL = ("exposure", "bits_per_char", "forgetting_score", "final_score", "lira_auc", "family_seconds_per_model")
 
 # The scores :func:`paired_comparisons` compares by default.
 PAIRED_METRICS = ("group_accuracy", "test_accuracy", "attack_success", "mia_auc", "fidelity_group", "relearn_steps")
 # The canary's: how much of the secret is left (exposure, digits extracted), membership, and the utility in bits.
 CANARY_PAIRED_METRICS = ("exposure", "attack_success", "mia_auc", "bits_per_char", "relearn_steps")
+# Added to the paired scores of a run with --forgetting.
+FORGETTING_PAIRED_METRICS = ("forgetting_score", "final_score", "lira_auc")
 
 # Whether a higher score is the better one. For ``mia_auc`` lower counts as better: a simplification that reads the
 # AUC as "closer to chance (0.5) from above", which ignores that an AUC well below 0.5 leaks membership too.
@@ -72,6 +79,9 @@ HIGHER_IS_BETTER = {
     "relearn_steps": True,
     "exposure": False,
     "bits_per_char": False,
+    "forgetting_score": True,
+    "final_score": True,
+    "lira_auc": False,  # an AUC below 0.5 is as distinguishable, but unlearned models rarely look *less* trained on Z
 }
 
 
@@ -179,6 +189,8 @@ def aggregate(runs: Sequence[Sequence[dict[str, Any]]], *, relearn_cap: int) -> 
             row[key], row[f"{key}_ci"] = _interval(present) if present else (None, None)
         solved = [r["converged"] for r in rows if r.get("converged") is not None]
         row["converged"] = all(solved) if solved else None
+        if len(rows) == 1 and first.get("forgetting_interval") is not None:
+            row["forgetting_interval"] = first["forgetting_interval"]
         merged.append(row)
     return merged
 
@@ -389,6 +401,9 @@ def _cell(row: dict[str, Any], key: str, fmt: str, *, relearn_cap: int) -> str:
     half = row.get(f"{key}_ci")
     if row.get("seeds", 1) > 1 and half:
         text += " ±" + fmt.format(half).lstrip("+")
+    elif key == "forgetting_score" and row.get("forgetting_interval"):  # one seed: the bootstrap over models
+        low, high = row["forgetting_interval"]
+        text += f" [{low:.2f}, {high:.2f}]"
     return text
 
 
@@ -496,6 +511,11 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, tit
     selections = list(dict.fromkeys(r["selection"] for r in methods))
     baselines = {r["method"]: r for r in rows if r["update"] is None}
     canary = any(r.get("exposure") is not None for r in rows)
+    membership = (
+        ("forgetting_score", "forgetting score against the retrained models (1: as if retrained)")
+        if any(r.get("forgetting_score") is not None for r in rows)
+        else ("mia_auc", "membership-inference AUC on Z")
+    )
     panels = (
         (
             ("exposure", "exposure of the secret, bits (lower: less memorized)"),
@@ -507,7 +527,7 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, tit
         else (
             ("group_accuracy", "accuracy on Z~ (corrected labels)"),
             ("attack_success", "attack success (held-out, poisoned like Z)"),
-            ("mia_auc", "membership-inference AUC on Z"),
+            membership,
             ("test_accuracy", "test accuracy"),
         )
     )

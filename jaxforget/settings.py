@@ -29,6 +29,7 @@ __all__ = [
     "SCENARIOS",
     "TEXT_DATASETS",
     "CANARY_FIELDS",
+    "FORGETTING_FIELDS",
     "ESTIMATOR_OF",
     "check_config",
     "scenario_name",
@@ -82,6 +83,10 @@ TEXT_DATASETS = ("pydoc-topics", "tiny_shakespeare")
 # their keys (and their workdirs) whatever these defaults are.
 CANARY_FIELDS = ("text_characters", "context", "repetitions", "secret_length")
 CORRECTIONS = ("relabel", "remove-trigger")
+# Settings of the forgetting score only: part of a stage key only when --forgetting is on, so runs without it keep
+# their keys (and their workdirs).
+FORGETTING_FIELDS = ("forgetting", "forgetting_resamples")
+MAX_FAMILY = 4096  # models per family; the family seeds leave room for this many
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +125,8 @@ class RunConfig:
     hessian_samples: int = 256  # training samples per Hessian-vector product in CG
     timing_repeats: int = 3  # timed runs per method after compilation; the table shows their median
     relearn_steps: int = 20  # cap on the fine-tuning steps on Z in the relearning test
+    forgetting: int = 0  # K: also score forgetting against retrained models (K poisoned, 2K retrained; 0: off)
+    forgetting_resamples: int = 10  # bootstrap resamples over models for each forgetting score's interval
     data_dir: str | None = None  # tfds data directory
     download: bool = False  # let tfds download missing data
 
@@ -150,11 +157,12 @@ STAGE_FIELDS = {
         "train_steps",
         "batch_size",
         "learning_rate",
+        "forgetting",
     ),
     "curvature": ("curvature_samples", "probes"),
     "select": ("budget", "selections", "timing_repeats"),
     "unlearn": ("updates", "cg_selections"),  # and every method's resolved hyperparameters (see stage_key)
-    "evaluate": ("relearn_steps",),
+    "evaluate": ("relearn_steps", "forgetting_resamples"),
 }
 
 
@@ -249,6 +257,12 @@ def check_config(config: RunConfig) -> None:
         value = getattr(config, option)
         if value is not None and not (math.isfinite(value) and value > 0):
             _fail(option, f"{value} must be a positive, finite number.")
+    if config.forgetting and not 3 <= config.forgetting <= MAX_FAMILY:
+        _fail("forgetting", f"{config.forgetting} must be 0 (off) or a number of models in [3, {MAX_FAMILY}].")
+    if config.forgetting and text:
+        _fail("forgetting", "the forgetting score is built for the image scenarios; drop it for --scenario canary.")
+    if config.forgetting_resamples < 2:
+        _fail("forgetting_resamples", f"{config.forgetting_resamples} must be at least 2.")
     if config.ascent_weight is not None and not (math.isfinite(config.ascent_weight) and config.ascent_weight >= 0):
         _fail("ascent_weight", f"{config.ascent_weight} must be a non-negative, finite number.")
 
@@ -326,6 +340,8 @@ def stage_key(config: RunConfig, stage: str) -> str:
         fields.update({field: getattr(config, field) for field in STAGE_FIELDS[name]})
     if config.scenario != "canary":
         fields = {name: value for name, value in fields.items() if name not in CANARY_FIELDS}
+    if config.forgetting == 0:
+        fields = {name: value for name, value in fields.items() if name not in FORGETTING_FIELDS}
     if STAGES.index(stage) >= STAGES.index("unlearn"):
         fields["methods"] = {f"{s}/{u}": hyperparameters(config, u, s) for s, u in methods(config)}
     return _hash(fields)
