@@ -37,6 +37,7 @@ __all__ = [
     "tuned_values",
     "methods",
     "stage_key",
+    "curvature_estimators",
     "method_key",
     "stage_options",
 ]
@@ -333,6 +334,13 @@ def methods(config: RunConfig) -> list[tuple[str, str]]:
     return pairs
 
 
+def curvature_estimators(config: RunConfig) -> list[str]:
+    """The estimates the curvature stage computes for ``config``'s selection rules: the Hessian diagonal (diagonal
+    Newton and the recall reference need it) and each estimator a rule ranks by."""
+    chosen = {ESTIMATOR_OF[s] for s in config.selections if s in ESTIMATOR_OF} - {"hessian"}
+    return ["hessian", *sorted(chosen)]
+
+
 def stage_key(config: RunConfig, stage: str) -> str:
     """A hash of every setting ``stage`` and the stages before it depend on."""
     fields: dict[str, Any] = {}
@@ -342,6 +350,8 @@ def stage_key(config: RunConfig, stage: str) -> str:
         fields = {name: value for name, value in fields.items() if name not in CANARY_FIELDS}
     if config.forgetting == 0:
         fields = {name: value for name, value in fields.items() if name not in FORGETTING_FIELDS}
+    if STAGES.index(stage) >= STAGES.index("curvature"):  # a record must hold every estimate the rules rank by
+        fields["estimators"] = curvature_estimators(config)
     if STAGES.index(stage) >= STAGES.index("unlearn"):
         fields["methods"] = {f"{s}/{u}": hyperparameters(config, u, s) for s, u in methods(config)}
     return _hash(fields)

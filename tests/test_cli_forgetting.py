@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +15,7 @@ from conftest import SMALL_RUN
 from jaxforget import cli, ensembles, forgetting, models, pipeline, settings, unlearn
 from jaxforget.workdir import Workdir
 
-K = 3
+K = 4
 ARGS = [
     *SMALL_RUN, "--model", "mlp", "--selections", "hessian-largest,random,all",
     "--updates", "first-order,diagonal-newton,finetune", "--forgetting", str(K), "--forgetting-resamples", "2",
@@ -21,7 +24,7 @@ ARGS = [
 
 @pytest.fixture(scope="module")
 def family_run(tmp_path_factory):
-    """One small run with --forgetting 3: its results, config and workdir."""
+    """One small run with --forgetting 4: its results, config and workdir."""
     saved = jax.config.jax_enable_x64, jax.config.jax_default_prng_impl
     jax.config.update("jax_enable_x64", False)  # the CLI's own numerics, whatever other test files set
     jax.config.update("jax_default_prng_impl", "threefry2x32")
@@ -158,6 +161,21 @@ def test_forgetting_enters_the_stage_keys_only_when_on():
     assert settings.stage_key(resampled, "evaluate") != settings.stage_key(on, "evaluate")
 
 
+def test_four_devices_split_the_model_axis_and_give_the_same_scores(family_run, tmp_path):
+    """The same run in a process with 4 forced host devices: each device holds one model of every family."""
+    results, config, _ = family_run
+    environment = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "jaxforget.cli", "run", *ARGS, "--workdir", str(tmp_path / "work"),
+               "--out", str(tmp_path / "out"), "--quiet"]  # fmt: skip
+    subprocess.run(command, env=environment, check=True, capture_output=True, timeout=600)
+    sharded = json.loads((tmp_path / "out" / "results.json").read_text())
+    summary = pipeline.stage_record("evaluate", config, tmp_path / "work" / "seed-0")["forgetting"]
+    assert summary["devices"] == 4
+    for one, four in zip(results["per_seed"][0], sharded["per_seed"][0], strict=True):
+        assert four["family_test_accuracy"] == pytest.approx(one["family_test_accuracy"], abs=1e-3), one["method"]
+        assert four["forgetting_score"] == pytest.approx(one["forgetting_score"], abs=0.02), one["method"]
+
+
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
@@ -181,7 +199,7 @@ def test_per_model_maps_the_stacked_arguments_and_shares_the_others(sequential):
     stacked = {"w": jnp.arange(12.0).reshape(3, 2, 2)}
     shared = jnp.array([1.0, -1.0])
     keys = jax.random.split(jax.random.key(0), 3)
-    mapped = jax.jit(pipeline._per_model(fn, (0, None, 0), sequential))(stacked, shared, keys)
+    mapped = pipeline._per_model(fn, (0, None, 0), sequential)(stacked, shared, keys)
     expected = np.stack([fn({"w": stacked["w"][k]}, shared, keys[k]) for k in range(3)])
     np.testing.assert_allclose(mapped, expected, rtol=1e-6)
 

@@ -66,6 +66,17 @@ def test_a_damaged_output_is_named_and_recomputed_to_the_clean_numbers(fault, cl
     assert "recomputing" not in capsys.readouterr().err
 
 
+def test_a_rule_whose_estimate_the_workdir_lacks_gets_it_computed(clean_run, tmp_path):
+    """FAST_RUN's rules need only the Hessian diagonal; a rule ranking by the Fisher on the same workdir must not
+    reuse that curvature record (it once did, and the select stage failed with a KeyError)."""
+    work = copy_workdir(clean_run, tmp_path)
+    assert rerun(work, tmp_path / "out", "--selections", "fisher-largest,hessian-largest") == 0
+    rows = {row["method"]: row for row in results_rows(tmp_path / "out")}
+    assert rows["fisher-largest/first-order"]["top_k_recall"] is not None
+    clean = {row["method"]: row for row in results_rows(clean_run / "out")}
+    assert rows["hessian-largest/first-order"] == clean["hessian-largest/first-order"]
+
+
 def test_a_corrupt_checkpoint_is_refused_by_a_stage_that_only_reads_it(clean_run, tmp_path, capsys):
     work = copy_workdir(clean_run, tmp_path)
     _flip_bit(_largest_file(_only("retrained.*[!n]", work)))
