@@ -25,6 +25,18 @@ python experiments/sweep.py budget --values 0.0005,0.001,0.003,0.01,0.1 --seeds 
   --workdir runs/work                                                                             # ~15 min
 python experiments/sweep.py group-size --values 200,500,1000 --seeds 0,1,2 --workdir runs/work  # ~20 min
 
+# Forgetting against many retrained models: the K needed, then the main job with --forgetting.
+python experiments/forgetting_models.py                                                           # ~1.5 min
+jaxforget run --dataset digits --model mlp --forgetting 32 --seeds 0,1,2 --workdir runs/forgetting-digits-mlp \
+  --out experiments/results/forgetting-digits-mlp-k32                                             # ~12 min
+for steps in 200 1000; do
+  jaxforget run --dataset digits --model mlp --forgetting 32 --selections hessian-largest,last-layer,all \
+    --updates finetune,finetune-corrected --finetune-steps "$steps" --workdir runs/forgetting-digits-mlp \
+    --out "experiments/results/forgetting-digits-mlp-k32-finetune-$steps"                         # ~1 min each
+done
+jaxforget run --forgetting 8 --workdir runs/forgetting-mnist5k-cnn \
+  --out experiments/results/forgetting-mnist5k-cnn-k8                                             # ~20 min
+
 # The text canary: memorization, the default run, ten seeds, the budget sweep on their workdir.
 python experiments/canary_memorization.py --steps 1000 --every 100                              # ~2.5 min
 python experiments/canary_memorization.py --steps 3000 --every 500 --text-characters 0 \

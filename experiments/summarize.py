@@ -5,6 +5,8 @@ differences of Hessian-largest against every other rule on chosen metrics.
     python experiments/summarize.py experiments/results/backdoor-relabel --metrics attack_success,test_accuracy
     python experiments/summarize.py experiments/results/canary-10-seeds --scores exposure,attack_success,bits_per_char,\
 mia_auc,gradient_equivalents --metrics exposure,bits_per_char,mia_auc
+    python experiments/summarize.py experiments/results/forgetting-digits-mlp-k32 --scores forgetting_score,\
+final_score,lira_auc,test_accuracy,family_seconds_per_model --metrics forgetting_score,lira_auc
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ NAMES = {
     "fidelity_group": "agree Z",
     "exposure": "exposure",
     "bits_per_char": "bits/char",
+    "forgetting_score": "forget score",
+    "final_score": "final",
+    "lira_auc": "LiRA AUC",
+    "forget_confidence": "Z conf",
+    "family_seconds_per_model": "s/model",
 }
 
 

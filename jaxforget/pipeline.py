@@ -1383,7 +1383,13 @@ def _score_families(store: Workdir, setup_: Setup, config: RunConfig, log: _Log)
         confidences, retain, test = measure(variables)
         scores = _forgetting_scores(config, confidences, reference, jax.random.fold_in(key, index))
         final = forgetting.final_score(scores["forgetting_score"], retain, reference_retain, test, reference_test)
-        return {**scores, "final_score": final, "family_retain_accuracy": retain, "family_test_accuracy": test}
+        return {
+            **scores,
+            "final_score": final,
+            "forget_confidence": float(np.median(confidences)),  # which way, and how far, from the references'
+            "family_retain_accuracy": retain,
+            "family_test_accuracy": test,
+        }
 
     poisoned = _family(store, setup_, config, "poisoned")
     found = {"poisoned": columns(poisoned, 0), "retrained": columns(_family(store, setup_, config, "baseline"), 1)}
@@ -1409,6 +1415,7 @@ def _score_families(store: Workdir, setup_: Setup, config: RunConfig, log: _Log)
         "confidence": "logit-scaled confidence of the labels Z was trained with",
         "resamples": config.forgetting_resamples,
         "devices": 1 if _models_mesh(count) is None else jax.device_count(),  # the model axis was split over these
+        "reference_forget_confidence": float(np.median(reference)),
         "reference_retain_accuracy": reference_retain,
         "reference_test_accuracy": reference_test,
     }

@@ -56,10 +56,19 @@ COLUMNS = (
     ("forgetting_score", "forget score", "{:.3f}"),
     ("final_score", "final", "{:.3f}"),
     ("lira_auc", "LiRA AUC", "{:.3f}"),
+    ("forget_confidence", "Z conf", "{:+.2f}"),
     ("family_seconds_per_model", "s/model", "{:.3f}"),
 )
 # Scores of one scenario (the canary's) or of --forgetting only: their columns show only when some row has them.
-_OPTIONAL = ("exposure", "bits_per_char", "forgetting_score", "final_score", "lira_auc", "family_seconds_per_model")
+_OPTIONAL = (
+    "exposure",
+    "bits_per_char",
+    "forgetting_score",
+    "final_score",
+    "lira_auc",
+    "forget_confidence",
+    "family_seconds_per_model",
+)
 
 # The scores :func:`paired_comparisons` compares by default.
 PAIRED_METRICS = ("group_accuracy", "test_accuracy", "attack_success", "mia_auc", "fidelity_group", "relearn_steps")

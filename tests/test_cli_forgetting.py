@@ -23,18 +23,13 @@ ARGS = [
 
 
 @pytest.fixture(scope="module")
-def family_run(tmp_path_factory):
+def family_run(tmp_path_factory, cli_numerics):
     """One small run with --forgetting 4: its results, config and workdir."""
-    saved = jax.config.jax_enable_x64, jax.config.jax_default_prng_impl
-    jax.config.update("jax_enable_x64", False)  # the CLI's own numerics, whatever other test files set
-    jax.config.update("jax_default_prng_impl", "threefry2x32")
     root = tmp_path_factory.mktemp("forgetting")
     assert cli.main(["run", *ARGS, "--workdir", str(root / "work"), "--out", str(root / "out"), "--quiet"]) == 0
     results = json.loads((root / "out" / "results.json").read_text())
     config = cli._config(cli._options().parse_args(["run", *ARGS]), 0)
-    yield results, config, root / "work" / "seed-0"
-    jax.config.update("jax_enable_x64", saved[0])
-    jax.config.update("jax_default_prng_impl", saved[1])
+    return results, config, root / "work" / "seed-0"
 
 
 def test_every_row_carries_the_forgetting_columns_and_the_final_score_is_their_product(family_run):
@@ -76,6 +71,9 @@ def test_the_poisoned_row_is_scored_from_its_models_confidences(family_run):
 
     poisoned, reference = confidences("poisoned"), confidences("retrained")
     row = next(row for row in results["rows"] if row["method"] == "poisoned")
+    assert row["forget_confidence"] == pytest.approx(np.median(poisoned), abs=1e-4)
+    summary = pipeline.stage_record("evaluate", config, workdir)["forgetting"]
+    assert summary["reference_forget_confidence"] == pytest.approx(np.median(reference), abs=1e-4)
     assert row["forgetting_score"] == pytest.approx(forgetting.forgetting_score_from_confidences(poisoned, reference))
     assert row["lira_auc"] == pytest.approx(forgetting.lira_attack(poisoned, reference).auc, abs=1e-6)
 
