@@ -835,14 +835,14 @@ class Updates:
 @functools.lru_cache(maxsize=16)
 def _family_function(fn: Callable, in_axes: tuple, sequential: bool) -> Callable:
     """``fn`` over a family's model axis, compiled once per function (one compilation serves every method)."""
-    return _per_model(fn, in_axes, sequential)
+    return ensembles.map_models(fn, in_axes, sequential=sequential)
 
 
 @functools.lru_cache(maxsize=8)
 def _family_finetune_step(retain: bool, ascent_weight: float, sequential: bool) -> Callable:
     """:func:`jaxforget.unlearn.finetune_step` over a stacked state's model axis, jitted."""
     step = functools.partial(unlearn.finetune_step, retain_weight=1.0 if retain else 0.0, ascent_weight=ascent_weight)
-    return _per_model(step, (0, None, None, None), sequential)
+    return ensembles.map_models(step, (0, None, None, None), sequential=sequential)
 
 
 def all_finite(tree: PyTree) -> bool:
@@ -1088,26 +1088,6 @@ def _sequential_models(config: RunConfig) -> bool:
     return config.model != "mlp" and jax.default_backend() == "cpu"
 
 
-def _per_model(fn: Callable, in_axes: tuple, sequential: bool) -> Callable:
-    """``fn`` over a leading model axis of the arguments whose ``in_axes`` entry is 0 (None: shared by all models),
-    compiled: ``jax.jit(jax.vmap(fn))``, or, when ``sequential``, the jitted ``fn`` called on one model at a time
-    and the outputs stacked. (Inside one program, ``jax.lax.map`` over the CNN's models ran its empirical Fisher 3x
-    and its gradient 12x slower than this loop on 2 CPU cores.)"""
-    if not sequential:
-        return jax.jit(jax.vmap(fn, in_axes=in_axes))
-    single = jax.jit(fn)
-
-    def looped(*args):
-        count = ensembles.num_models([arg for arg, axis in zip(args, in_axes, strict=True) if axis == 0])
-
-        def model(k):
-            return (jax.tree.map(lambda x: x[k], a) if axis == 0 else a for a, axis in zip(args, in_axes, strict=True))
-
-        return ensembles.stack([single(*model(k)) for k in range(count)])
-
-    return looped
-
-
 def _models_mesh(num_models: int):
     """A mesh over every device when there are several and they divide the number of models, else ``None``."""
     count = jax.device_count()
@@ -1126,7 +1106,7 @@ def _family_logits(setup_: Setup, config: RunConfig) -> Callable:
     def one(params, stats, inputs):
         return models.logits_fn_for(setup_.model, stats)(params, inputs)
 
-    return _per_model(one, (0, 0, None), _sequential_models(config))
+    return ensembles.map_models(one, (0, 0, None), sequential=_sequential_models(config))
 
 
 def _family_outputs(logits: Callable, variables: dict, batch: models.Batch) -> np.ndarray:
@@ -1237,11 +1217,11 @@ def _family_curvature(
     diagonals, seconds = {}, {}
     for name in needed:
         if name == "unlearning-gradient":
-            fn = _per_model(estimators[name], (0, 0, None, None), sequential)
+            fn = ensembles.map_models(estimators[name], (0, 0, None, None), sequential=sequential)
             pair = (scenario.poisoned_group, scenario.corrected)
             diagonals[name], seconds[name] = _median_seconds(fn, (params, stats, pair, key), 1)
         else:
-            each = _per_model(estimators[name], (0, 0, None, 0), sequential)
+            each = ensembles.map_models(estimators[name], (0, 0, None, 0), sequential=sequential)
             fn = lambda p, s, b, k, each=each: each(p, s, b, jax.random.split(k, count))  # noqa: E731
             batches = [scenario.poisoned_group] if name == "gradient" else chunks
             diagonals[name], seconds[name] = _stream(fn, params, stats, batches, key)

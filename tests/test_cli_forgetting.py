@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import SMALL_RUN
@@ -187,19 +186,6 @@ def test_bad_forgetting_settings_are_refused_naming_the_option(changes, expected
     with pytest.raises(ValueError) as error:
         settings.check_config(settings.RunConfig(**changes))
     assert expected in str(error.value)
-
-
-@pytest.mark.parametrize("sequential", [False, True])
-def test_per_model_maps_the_stacked_arguments_and_shares_the_others(sequential):
-    def fn(params, shared, key):
-        return params["w"] @ shared + jax.random.normal(key, ())
-
-    stacked = {"w": jnp.arange(12.0).reshape(3, 2, 2)}
-    shared = jnp.array([1.0, -1.0])
-    keys = jax.random.split(jax.random.key(0), 3)
-    mapped = pipeline._per_model(fn, (0, None, 0), sequential)(stacked, shared, keys)
-    expected = np.stack([fn({"w": stacked["w"][k]}, shared, keys[k]) for k in range(3)])
-    np.testing.assert_allclose(mapped, expected, rtol=1e-6)
 
 
 def test_family_seeds_differ_across_families_and_seeds():

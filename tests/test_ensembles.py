@@ -382,3 +382,23 @@ def test_train_stacked_checks_its_arguments_before_training(digits, trained):
     masks = jax.tree.map(lambda p: jnp.ones(p.shape[1:], bool), initial.params)  # no model axis
     with pytest.raises(ValueError, match="masks"):
         E.with_stacked_optimizer(initial, optax.sgd(0.1), masks)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_map_models_maps_the_stacked_arguments_and_shares_the_others(sequential):
+    def fn(params, shared, key):
+        return params["w"] @ shared + jax.random.normal(key, ())
+
+    stacked = {"w": jnp.arange(12.0).reshape(3, 2, 2)}
+    shared = jnp.array([1.0, -1.0])
+    keys = jax.random.split(jax.random.key(0), 3)
+    mapped = E.map_models(fn, (0, None, 0), sequential=sequential)(stacked, shared, keys)
+    expected = np.stack([fn({"w": stacked["w"][k]}, shared, keys[k]) for k in range(3)])
+    np.testing.assert_allclose(mapped, expected, rtol=1e-6)
+
+
+def test_map_models_refuses_axes_other_than_0_and_none():
+    with pytest.raises(ValueError, match="in_axes"):
+        E.map_models(lambda x: x, (1,))
+    with pytest.raises(ValueError, match="at least one 0"):
+        E.map_models(lambda x: x, (None,))
