@@ -313,10 +313,15 @@ def _new_state(setup: Setup, config: RunConfig, tx) -> train.TrainState:
     return init(jax.random.key(config.seed))
 
 
-def _params_like(setup_: Setup, config: RunConfig) -> PyTree:
-    """The params' structure, shapes and dtypes, without initializing the model."""
+def _variables_like(setup_: Setup, config: RunConfig) -> dict[str, PyTree]:
+    """The ``params`` and ``batch_stats`` structures, shapes and dtypes, without initializing the model."""
     init = lambda key: train.create_train_state(setup_.model, key, setup_.input_shape, optax.sgd(0.0))  # noqa: E731
-    return jax.eval_shape(init, jax.random.key(config.seed)).params
+    state = jax.eval_shape(init, jax.random.key(config.seed))
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _params_like(setup_: Setup, config: RunConfig) -> PyTree:
+    return _variables_like(setup_, config)["params"]
 
 
 def restore_model(workdir: str | os.PathLike, name: str, config: RunConfig) -> train.TrainState:
@@ -1094,12 +1099,6 @@ def _models_mesh(num_models: int):
     return ensembles.models_mesh() if count > 1 and num_models % count == 0 else None
 
 
-def _variables_like(setup_: Setup, config: RunConfig) -> dict[str, PyTree]:
-    init = lambda key: train.create_train_state(setup_.model, key, setup_.input_shape, optax.sgd(0.0))  # noqa: E731
-    state = jax.eval_shape(init, jax.random.key(config.seed))
-    return {"params": state.params, "batch_stats": state.batch_stats}
-
-
 def _family_logits(setup_: Setup, config: RunConfig) -> Callable:
     """``logits(params [K, ...], stats [K, ...], inputs [n, ...]) -> [K, n, classes]``, jitted."""
 
@@ -1234,7 +1233,7 @@ def _family_masks(
     store: Workdir, setup_: Setup, config: RunConfig, mask_of: Callable, curvature_record: dict, log: _Log
 ) -> dict:
     """Each selection rule's mask for each poisoned model of the family, from that model's own estimates."""
-    like = _variables_like(setup_, config)["params"]
+    like = _params_like(setup_, config)
     variables = _family(store, setup_, config, "poisoned")
     diagonals = _family_arrays(store, curvature_record["family"], like, config)
     keys = jax.random.split(jax.random.key(config.seed), config.forgetting)
@@ -1251,7 +1250,7 @@ def _family_masks(
 
 def _family_unlearn(store: Workdir, setup_: Setup, config: RunConfig, updates: Updates, log: _Log) -> tuple[dict, dict]:
     """Every method on each poisoned model of the family (one record per method, so a rerun keeps finished ones)."""
-    like = _variables_like(setup_, config)["params"]
+    like = _params_like(setup_, config)
     variables = _family(store, setup_, config, "poisoned")
     masks = _family_arrays(store, _require(store, "select", config)["family"], like, config)
     hessian = _family_arrays(store, _require(store, "curvature", config)["family"], like, config)["hessian"]
@@ -1373,7 +1372,7 @@ def _score_families(store: Workdir, setup_: Setup, config: RunConfig, log: _Log)
 
     poisoned = _family(store, setup_, config, "poisoned")
     found = {"poisoned": columns(poisoned, 0), "retrained": columns(_family(store, setup_, config, "baseline"), 1)}
-    like = _variables_like(setup_, config)["params"]
+    like = _params_like(setup_, config)
     family_methods = _require(store, "unlearn", config)["family"]
     for index, (selection_name, update) in enumerate(methods(config), start=2):
         name = _method_name(selection_name, update)
