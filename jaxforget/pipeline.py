@@ -1148,8 +1148,11 @@ def family_confidences(
     setup_: Setup, config: RunConfig, variables: dict[str, PyTree], batch: models.Batch
 ) -> np.ndarray:
     """The logit-scaled confidence [K, n] of each of ``batch``'s labels under each model of a stacked family."""
-    outputs = _family_outputs(_family_logits(setup_, config), variables, batch)
-    return forgetting.logit_scaled_confidence(outputs, batch.labels)
+    return _confidences_of(_family_logits(setup_, config), variables, batch)
+
+
+def _confidences_of(logits: Callable, variables: dict, batch: models.Batch) -> np.ndarray:
+    return forgetting.logit_scaled_confidence(_family_outputs(logits, variables, batch), batch.labels)
 
 
 def _train_families(store: Workdir, setup_: Setup, config: RunConfig, key: str, log: _Log) -> tuple[dict, dict]:
@@ -1349,7 +1352,7 @@ def _score_families(store: Workdir, setup_: Setup, config: RunConfig, log: _Log)
     retained = _take(scenario.train, np.setdiff1d(np.arange(len(scenario.train.labels)), scenario.group))
 
     def measure(variables):
-        confidences = forgetting.logit_scaled_confidence(_family_outputs(logits, variables, group), group.labels)
+        confidences = _confidences_of(logits, variables, group)
         retain = _family_accuracy(logits, variables, retained).mean()
         test = _family_accuracy(logits, variables, setup_.test).mean()
         return confidences, float(retain), float(test)
