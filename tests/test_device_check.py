@@ -180,3 +180,107 @@ def test_targets_against_torch_and_backpack_from_the_parts_json(tmp_path):
     assert "backpack" in targets["ggn_vs_backpack"]["reason"]
     parts["torch"] = {"status": "skipped", "reason": "torch is not installed", "json": None}
     assert "torch is not installed" in module.targets(tmp_path, parts)["hutchinson_vs_torch_func"]["reason"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# benchmarks/torch_peer.py, whose twins, runs and timers the torch part uses (skipped where torch is not installed).
+
+
+def _torch_peer(monkeypatch, hide_backpack: bool = False):
+    """A fresh import of ``benchmarks/torch_peer.py``; ``hide_backpack`` makes ``import backpack`` fail, as on the GPU
+    machine."""
+    pytest.importorskip("torch")
+    if hide_backpack:
+        for name in [n for n in sys.modules if n == "backpack" or n.startswith("backpack.")]:
+            monkeypatch.delitem(sys.modules, name)
+        monkeypatch.setitem(sys.modules, "backpack", None)
+    spec = importlib.util.spec_from_file_location("torch_peer_under_test", ROOT / "benchmarks" / "torch_peer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_torch_peer_cnn_twin_and_gradient_need_no_backpack(monkeypatch):
+    import jax
+    import numpy as np
+
+    import jaxforget as jf
+
+    peer = _torch_peer(monkeypatch, hide_backpack=True)
+    model = jf.CNN(features=(2, 3), hidden=5)
+    params = jax.jit(lambda key: jf.init_model(model, key, (1, 8, 8, 1)))(jax.random.key(0))["params"]
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    images = np.random.default_rng(0).uniform(size=(4, 8, 8, 1))
+    labels = np.array([0, 1, 2, 3])
+    flax_logits = np.asarray(jf.logits_fn_for(model)(params, images))
+    np.testing.assert_allclose(peer.torch_logits(params, images, "float64", device="cpu"), flax_logits, atol=1e-12)
+    times = peer.time_torch_gradient(params, images, labels, "float64", 2, device="cpu")
+    assert len(times) == 2 and all(t > 0 for t in times)
+    with pytest.raises(ImportError):
+        peer.backpack_diag_ggn_exact(params, images, labels, "float64")
+
+
+def test_torch_peer_timers_synchronize_cuda_before_and_after_each_run(monkeypatch):
+    peer = _torch_peer(monkeypatch)
+    events = []
+    monkeypatch.setattr(peer.torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    peer._run_times(lambda: events.append("run"), 2, "cuda")
+    assert events == ["run", "sync", "run", "sync", "sync", "run", "sync"]  # warm-up, then sync, run, sync twice
+    events.clear()
+    peer._run_times(lambda: events.append("run"), 2, "cpu")
+    assert events == ["run"] * 3
+
+
+def test_torch_resnet18_has_the_flax_parameter_count(monkeypatch):
+    import jax
+    import numpy as np
+
+    import jaxforget as jf
+
+    peer = _torch_peer(monkeypatch)
+    for width, stage_sizes in ((4, (1, 1)), (2, (2, 2, 2, 2))):
+        model = jf.ResNet18(width=width, stage_sizes=stage_sizes)
+        shapes = jax.eval_shape(lambda m=model: jf.init_model(m, jax.random.key(0), (1, 32, 32, 3)))["params"]
+        flax_count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+        twin = peer.torch_resnet18(width, stage_sizes)
+        assert sum(p.numel() for p in twin.parameters()) == flax_count
+        assert twin(peer.torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_torch_func_hutchinson_is_the_mean_of_v_times_dense_hessian_v(monkeypatch):
+    peer = _torch_peer(monkeypatch)
+    torch = peer.torch
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+    inputs, labels = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0])
+    params = dict(model.named_parameters())
+    sizes = [p.numel() for p in params.values()]
+
+    def flat_loss(flat):
+        unflat = {n: x.reshape(p.shape) for (n, p), x in zip(params.items(), flat.split(sizes), strict=True)}
+        return nn.functional.cross_entropy(functional_call(model, unflat, (inputs,)), labels)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    hessian = torch.autograd.functional.hessian(flat_loss, flat)
+    num_probes = 3
+    torch.manual_seed(1)
+    estimate = peer.torch_func_hutchinson(model, inputs, labels, num_probes)()
+    torch.manual_seed(1)  # the same Rademacher probes, drawn in the same order
+    probes = torch.cat(
+        [
+            (torch.randint(0, 2, (num_probes, *p.shape)).double() * 2 - 1).reshape(num_probes, -1)
+            for p in params.values()
+        ],
+        dim=1,
+    )
+    expected = (probes * (probes @ hessian)).mean(0)  # the Hessian is symmetric: (H v)^T = v^T H
+    torch.testing.assert_close(torch.cat([estimate[n].reshape(-1) for n in params]), expected, rtol=1e-10, atol=1e-12)
+
+    gradient = peer.torch_func_gradient(model, inputs, labels)()
+    expected_gradient = torch.autograd.functional.jacobian(flat_loss, flat)
+    torch.testing.assert_close(torch.cat([gradient[n].reshape(-1) for n in params]), expected_gradient)
+    with pytest.raises(ValueError, match="num_probes"):
+        peer.torch_func_hutchinson(model, inputs, labels, 0)
