@@ -74,6 +74,15 @@ from jaxforget.selection import (
     select_random,
     select_top,
 )
+from jaxforget.sharding import (
+    DATA_AXIS,
+    data_mesh,
+    params_sharding,
+    replicate,
+    shard_batch,
+    shard_params,
+    usable_devices,
+)
 from jaxforget.text import CharVocab, build_vocab, load_corpus
 from jaxforget.train import TrainState, create_train_state, eval_step, evaluate, fit, predict_logits, train_step
 from jaxforget.unlearn import (
@@ -181,4 +190,11 @@ __all__ = [
     "bootstrap_interval",
     "BootstrapInterval",
     "interval_width_by_models",
+    "DATA_AXIS",
+    "data_mesh",
+    "usable_devices",
+    "shard_batch",
+    "replicate",
+    "params_sharding",
+    "shard_params",
 ]
