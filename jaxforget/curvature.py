@@ -578,7 +578,10 @@ def _layerwise_sum_of_squares(logits_fn, params, factor, inputs, aux):
     tape = taped["tape"]
     squares = {}
     for path, (module, names) in tape.layers.items():
-        x, delta = features[path], deltas[path]
+        # Squares summed over examples and positions in the parameters' dtype: under bfloat16 compute the features
+        # and signals are bfloat16, and so would the sums be.
+        dtype = jnp.result_type(*(tape.by_path[path + (name,)] for name in names))
+        x, delta = features[path].astype(dtype), deltas[path].astype(dtype)
         if type(module) is nn.Dense:
             layer = _dense_squares(x, delta, names)
         elif type(module) is nn.Conv:
@@ -838,6 +841,14 @@ def fisher_diagonal(loss_fn: LossFn, params: PyTree, batch: PyTree, *, example_b
 
     Returns:
       The diagonal, shaped like ``params``.
+
+    Warning:
+      Do not pass a batch split over several devices to a network with convolutions. XLA (jax 0.10.2) partitions
+      the batch-grouped convolution that the vmapped per-example gradients lower to wrongly: the kernel entries of
+      the examples off the first device come out wrong, silently (reproduced with 2 host devices and one
+      ``lax.conv_general_dilated``; ``tests/test_sharding.py`` holds it as a strict expected failure). Replicate the
+      batch (:func:`jaxforget.sharding.replicate`), as ``jaxforget run`` does for this estimator. Dense layers and
+      the other estimators are not affected.
     """
     _check_positive(example_batch_size, "example_batch_size", allow_none=True)
     _check_scalar_loss(loss_fn, params, batch)
