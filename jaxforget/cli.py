@@ -248,7 +248,7 @@ def _machine() -> dict:
     }
 
 
-def _report(configs, records, compute, curvature, out: pathlib.Path, seconds: float, argv) -> dict:
+def _report(configs, records, compute, curvature, devices: int, out: pathlib.Path, seconds: float, argv) -> dict:
     from jaxforget import pipeline, report
 
     config = configs[0]
@@ -269,7 +269,8 @@ def _report(configs, records, compute, curvature, out: pathlib.Path, seconds: fl
         "config": {**dataclasses.asdict(config), "seeds": seeds},
         "seconds": seconds,
         "stage_seconds": compute,  # per seed: the seconds each stage took when it ran
-        "curvature": curvature,  # per seed: samples, share of exact zeros, seconds per estimator
+        "curvature": curvature,  # per seed: samples, share of exact zeros, seconds per estimator, devices
+        "devices_used": devices,  # the most devices a seed's training batches were split over
         "command": " ".join(["jaxforget", *(sys.argv[1:] if argv is None else argv)]),
         "machine": _machine(),
         "versions": _versions(),
@@ -325,7 +326,7 @@ def _run(args: argparse.Namespace, argv) -> int:
         check_setup(config)
     stages = STAGES if args.command == "run" else (args.command,)
     last = STAGES.index(stages[-1])
-    records, compute, curvature = [], [], []
+    records, compute, curvature, devices = [], [], [], []
     wait = not args.no_wait
     for config in configs:
         workdir = pathlib.Path(args.workdir) / f"seed-{config.seed}"
@@ -335,14 +336,16 @@ def _run(args: argparse.Namespace, argv) -> int:
                 stage_records[stage] = stage_record(stage, config, workdir)
         stage_records = {stage: stage_records[stage] for stage in STAGES[: last + 1]}
         records.append(stage_records[stages[-1]])
+        devices.append(stage_records["train"].get("devices", 1))  # the train stage's batches were split over these
         # Seconds the stages took when they ran (a reused stage keeps the time of its first run).
         compute.append({stage: r["stage_seconds"] for stage, r in stage_records.items()})
         if "curvature" in stage_records:
-            keep = ("samples", "reference_samples", "zero_share", "seconds", "gradient_seconds")
+            keep = ("samples", "reference_samples", "zero_share", "seconds", "gradient_seconds", "devices")
             curvature.append({k: stage_records["curvature"].get(k) for k in keep})
     if not writes_results:
         return 0
-    results = _report(configs, records, compute, curvature, pathlib.Path(args.out), time.perf_counter() - start, argv)
+    seconds = time.perf_counter() - start
+    results = _report(configs, records, compute, curvature, max(devices), pathlib.Path(args.out), seconds, argv)
     if reference is None:
         return 0
     comparison = reproduction.compare(results, reference)

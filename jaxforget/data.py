@@ -25,7 +25,15 @@ import numpy as np
 
 from jaxforget.models import Batch
 
-__all__ = ["EMBEDDED_DATASETS", "TFDS_DATASETS", "embedded_dataset", "stratified_split", "batches", "load"]
+__all__ = [
+    "EMBEDDED_DATASETS",
+    "TFDS_DATASETS",
+    "embedded_dataset",
+    "stratified_split",
+    "batches",
+    "crop_flip",
+    "load",
+]
 
 EMBEDDED_DATASETS = ("mnist5k", "digits")
 TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
@@ -111,6 +119,34 @@ def batches(
         for start in range(0, stop, batch_size):
             index = order[start : start + batch_size]
             yield Batch(data.inputs[index], data.labels[index])
+
+
+def crop_flip(batch: Batch, rng: np.random.Generator, *, pad: int = 4) -> Batch:
+    """The standard CIFAR-10 augmentation of a batch of images: each image padded with ``pad`` zero pixels on every
+    side, cropped back to its size at a random offset, and mirrored left-right with probability 1/2.
+
+    Args:
+      batch: ``Batch(inputs [B, H, W, C], labels [B])``; the labels pass through.
+      rng: the generator that draws the offsets and flips (one draw of each per image, in order).
+      pad: the padding, in pixels; offsets are uniform in ``[0, 2 * pad]`` along each axis.
+
+    Returns:
+      A new ``Batch`` with augmented inputs of the same shape and dtype.
+    """
+    if pad < 0:
+        raise ValueError(f"pad={pad} must be non-negative, e.g. 4.")
+    inputs = np.asarray(batch.inputs)
+    if inputs.ndim != 4:
+        raise ValueError(f"batch.inputs has shape {inputs.shape}; crop_flip takes images [B, H, W, C].")
+    size, height, width = inputs.shape[:3]
+    padded = np.pad(inputs, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    offsets = rng.integers(0, 2 * pad + 1, size=(size, 2))
+    flips = rng.random(size) < 0.5
+    out = np.empty_like(inputs)
+    for i, ((top, left), flip) in enumerate(zip(offsets, flips, strict=True)):
+        crop = padded[i, top : top + height, left : left + width]
+        out[i] = crop[:, ::-1] if flip else crop
+    return Batch(out, batch.labels)
 
 
 # Where each tfds data set downloads its source files from: the connectivity pre-check dials this host, so that an

@@ -21,7 +21,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -40,6 +40,7 @@ from jaxforget import (
     models,
     scenarios,
     selection,
+    sharding,
     text,
     train,
     unlearn,
@@ -276,10 +277,11 @@ def setup(config: RunConfig) -> Setup:
             scenario = scenarios.label_flip(train_data, config.group_size, config.seed, num_classes=num_classes)
     except ValueError as error:  # the group does not fit the samples the scenario may draw from
         raise ValueError(f"--group-size: {config.group_size} does not fit {config.dataset} ({error})") from None
+    dtype = None if config.precision == "float32" else jnp.dtype(config.precision)  # compute dtype only
     model = {
-        "cnn": lambda: models.CNN(num_classes=num_classes),
-        "mlp": lambda: models.MLP(num_classes=num_classes, hidden=(256,), activation="relu"),
-        "resnet18": lambda: models.ResNet18(num_classes=num_classes, width=config.width),
+        "cnn": lambda: models.CNN(num_classes=num_classes, dtype=dtype),
+        "mlp": lambda: models.MLP(num_classes=num_classes, hidden=(256,), activation="relu", dtype=dtype),
+        "resnet18": lambda: models.ResNet18(num_classes=num_classes, width=config.width, dtype=dtype),
     }[config.model]()
     attack = scenarios.poison_like(holdout, scenario, seed=config.seed)
     return Setup(
@@ -299,6 +301,11 @@ def check_setup(config: RunConfig) -> None:
     """Raises ``ValueError`` naming the option, its valid range and the fix for settings that pass
     :func:`~jaxforget.settings.check_config` but do not fit the data or the model: splits larger than the data, a
     group or a batch that does not fit, a budget that selects no parameter. Loads the data; computes nothing else."""
+    if config.devices > jax.device_count():
+        raise ValueError(
+            f"--devices: {config.devices} asked for, but JAX sees {jax.device_count()} "
+            f"({jax.default_backend()}); pass 0 for all of them, or at most {jax.device_count()}."
+        )
     setup_ = setup(config)
     total = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(_params_like(setup_, config)))
     if round(config.budget * total) < 1:
@@ -311,6 +318,32 @@ def check_setup(config: RunConfig) -> None:
 def _new_state(setup: Setup, config: RunConfig, tx) -> train.TrainState:
     init = jax.jit(lambda key: train.create_train_state(setup.model, key, setup.input_shape, tx))
     return init(jax.random.key(config.seed))
+
+
+def training_optimizer(config: RunConfig) -> optax.GradientTransformation:
+    """The optimizer the train stage trains every model with: Adam at ``learning_rate`` (AdamW with a weight decay),
+    or, with ``optimizer="sgd"``, SGD with Nesterov momentum 0.9 and an L2 weight decay, its rate warmed up linearly
+    over the first 2% of ``train_steps`` and then decayed to 0 on a cosine (the usual CIFAR-10 ResNet recipe)."""
+    if config.optimizer == "sgd":
+        steps = config.train_steps
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, config.learning_rate, warmup_steps=max(1, steps // 50), decay_steps=max(steps, 2)
+        )
+        return optax.chain(
+            optax.add_decayed_weights(config.weight_decay), optax.sgd(schedule, momentum=0.9, nesterov=True)
+        )
+    if config.weight_decay:
+        return optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+    return optax.adam(config.learning_rate)
+
+
+def _training_stream(training_set: models.Batch, config: RunConfig, epochs: int) -> Iterator[models.Batch]:
+    """The train stage's batches: shuffled by ``config.seed``, augmented when ``config.augment`` asks for it."""
+    stream = data.batches(training_set, config.batch_size, seed=config.seed, epochs=epochs)
+    if config.augment == "none":
+        return stream
+    rng = np.random.default_rng([config.seed, 1])  # the same augmentations for the poisoned and retrained models
+    return (data.crop_flip(batch, rng) for batch in stream)
 
 
 def _variables_like(setup_: Setup, config: RunConfig) -> dict[str, PyTree]:
@@ -334,9 +367,22 @@ def restore_model(workdir: str | os.PathLike, name: str, config: RunConfig) -> t
     """
     directory = Workdir(workdir).checkpoint_dir(name, stage_key(config, "train"))
     state, _, _ = checkpoint.restore_checkpoint(
-        directory, _new_state(setup(config), config, optax.adam(config.learning_rate))
+        directory, _new_state(setup(config), config, training_optimizer(config))
     )
     return state
+
+
+def device_count(config: RunConfig) -> int:
+    """The devices the stages may split work over: ``--devices``, or every device JAX sees with 0."""
+    return jax.device_count() if config.devices == 0 else min(config.devices, jax.device_count())
+
+
+def _data_mesh(config: RunConfig, size: int):
+    """A ``"data"`` mesh over the most devices (at most :func:`device_count`) that split batches of ``size``
+    evenly, or ``None`` when that is one device. Split batches give the single-device numbers up to the order of
+    floating-point summation, so the device count is no stage setting."""
+    count = sharding.usable_devices(device_count(config), size)
+    return None if count == 1 else sharding.data_mesh(jax.devices()[:count])
 
 
 def _chunks(batch: models.Batch, size: int) -> list[models.Batch]:
@@ -401,8 +447,10 @@ def _stage_train(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict, di
     setup_ = setup(config)
     step, evaluate_step = jax.jit(train.train_step), jax.jit(train.eval_step)
     key = stage_key(config, "train")
-    record, files = {"models": {}, "train_samples": len(setup_.scenario.train.labels)}, {}
-    pending = []
+    mesh = _data_mesh(config, config.batch_size)
+    devices = 1 if mesh is None else mesh.size
+    record = {"models": {}, "train_samples": len(setup_.scenario.train.labels), "devices": devices}
+    files, pending = {}, []
     for name, training_set in (("poisoned", setup_.scenario.train), ("retrained", setup_.scenario.clean)):
         done = store.record(name, key)
         if done is None:
@@ -412,12 +460,16 @@ def _stage_train(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict, di
         files.update(done["files"])
         log(f"train: {name} model already trained (reusing {store.checkpoint_dir(name, key)})")
     for index, (name, training_set) in enumerate(pending):
-        state = _new_state(setup_, config, optax.adam(config.learning_rate))
+        state = _new_state(setup_, config, training_optimizer(config))
         epochs = -(-config.train_steps // (len(training_set.labels) // config.batch_size))  # full batches only
+        place = lambda stream: stream  # noqa: E731
+        if mesh is not None:  # the state on every device, each batch split over them
+            state = sharding.replicate(state, mesh)
+            place = lambda stream: (sharding.shard_batch(batch, mesh) for batch in stream)  # noqa: E731
         if index == 0:
-            probe = data.batches(training_set, config.batch_size, seed=config.seed, epochs=1)
+            probe = place(_training_stream(training_set, config, 1))
             _estimate_training(step, state, probe, config, len(pending), log)
-        stream = data.batches(training_set, config.batch_size, seed=config.seed, epochs=epochs)
+        stream = place(_training_stream(training_set, config, epochs))
         start = time.perf_counter()
         state, history = train.fit(
             state, stream, step, num_steps=config.train_steps, progress=not log.quiet, description=f"train {name}"
@@ -432,7 +484,10 @@ def _stage_train(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict, di
         entry = {"seconds": seconds, "final_loss": float(history["loss"][-1]), "validation_accuracy": accuracy}
         record["models"][name] = store.write_record(name, key, entry, files={relative: digest})
         files[relative] = digest
-        log(f"train: {name} model, validation accuracy {accuracy:.4f} ({config.train_steps} steps, {seconds:.1f} s)")
+        on = f", batches split over {devices} devices" if devices > 1 else ""
+        log(
+            f"train: {name} model, validation accuracy {accuracy:.4f} ({config.train_steps} steps, {seconds:.1f} s{on})"
+        )
     if config.forgetting:
         record["families"], family_files = _train_families(store, setup_, config, key, log)
         files.update(family_files)
@@ -519,7 +574,20 @@ def _stage_curvature(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict
     scenario = setup_.scenario
     training = scenario.train
     sample = training if config.curvature_samples == 0 else _subset(training, config.curvature_samples, config.seed)
-    chunks = _chunks(sample, _CURVATURE_BATCH)
+    whole = chunks = _chunks(sample, _CURVATURE_BATCH)
+    mesh = _data_mesh(config, _CURVATURE_BATCH)
+    place = lambda batches: batches  # noqa: E731
+    if mesh is not None:  # the parameters on every device, each full batch split over them (the last whole)
+        params, stats = sharding.replicate((params, stats), mesh)
+        place = lambda batches: [  # noqa: E731
+            sharding.shard_batch(b, mesh) if len(b.labels) % mesh.size == 0 else sharding.replicate(b, mesh)
+            for b in batches
+        ]
+        chunks = place(chunks)
+        # Not split for the empirical Fisher: XLA (jax 0.10.2) partitions the batch-grouped convolution of its
+        # vmapped per-example gradients wrongly (the kernel gradients of examples off the first device come out
+        # wrong; benchmarks/sharding.py), so every device computes the whole batch.
+        whole = sharding.replicate(whole, mesh)
     needed = curvature_estimators(config)
     estimators = _estimators(setup_.model, config.probes)
     key = jax.random.key(config.seed)
@@ -532,7 +600,7 @@ def _stage_curvature(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict
             )
             samples = 2 * scenario.size
         else:
-            batches = [scenario.poisoned_group] if name == "gradient" else chunks
+            batches = [scenario.poisoned_group] if name == "gradient" else whole if name == "fisher" else chunks
             diagonals[name], seconds[name] = _stream(estimators[name], params, stats, batches, key)
             samples = sum(len(b.labels) for b in batches)
         log(f"curvature: {name} on {samples} samples in {seconds[name]:.2f} s")
@@ -540,7 +608,7 @@ def _stage_curvature(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict
         # A language model has no exact diagonal to score against: recall is against the Hessian rule's estimate.
         reference, reference_samples = diagonals["hessian"], len(sample.labels)
     else:  # the selection quality is always scored against the whole training loss's diagonal
-        reference, _ = _stream(estimators["hessian"], params, stats, _chunks(training, _CURVATURE_BATCH), key)
+        reference, _ = _stream(estimators["hessian"], params, stats, place(_chunks(training, _CURVATURE_BATCH)), key)
         reference_samples = len(training.labels)
         log(f"curvature: the whole-data exact diagonal (reference for top-k recall) on {reference_samples} samples")
 
@@ -561,6 +629,7 @@ def _stage_curvature(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict
         "gradient_seconds": gradient_seconds,
         "gradient_batch": int(len(batch.labels)),
         "zero_share": float(np.mean(flat == 0)),
+        "devices": 1 if mesh is None else mesh.size,  # the batches were split over these
     }
     log(
         f"curvature: one gradient on {len(batch.labels)} samples takes {1e3 * gradient_seconds:.1f} ms; "
@@ -1093,10 +1162,11 @@ def _sequential_models(config: RunConfig) -> bool:
     return config.model != "mlp" and jax.default_backend() == "cpu"
 
 
-def _models_mesh(num_models: int):
-    """A mesh over every device when there are several and they divide the number of models, else ``None``."""
-    count = jax.device_count()
-    return ensembles.models_mesh() if count > 1 and num_models % count == 0 else None
+def _models_mesh(config: RunConfig, num_models: int):
+    """A ``"models"`` mesh over the first :func:`device_count` devices when there are several and they divide the
+    number of models, else ``None``."""
+    count = device_count(config)
+    return ensembles.models_mesh(jax.devices()[:count]) if count > 1 and num_models % count == 0 else None
 
 
 def _family_logits(setup_: Setup, config: RunConfig) -> Callable:
@@ -1136,8 +1206,8 @@ def train_family(
     """
     init = jax.jit(ensembles.create_stacked_states, static_argnums=(0, 2, 3))
     step = jax.jit(functools.partial(ensembles.indexed_train_step, unrolled=_sequential_models(config)))
-    state = init(setup_.model, ensembles.keys_for_seeds(seeds), setup_.input_shape, _adam(config.learning_rate))
-    mesh = _models_mesh(len(seeds))
+    state = init(setup_.model, ensembles.keys_for_seeds(seeds), setup_.input_shape, training_optimizer(config))
+    mesh = _models_mesh(config, len(seeds))
     state, history = ensembles.train_stacked(
         state, training_set, config.batch_size, seeds, step, num_steps=config.train_steps, mesh=mesh
     )
@@ -1196,7 +1266,7 @@ def _family_arrays(store: Workdir, record: dict, like: PyTree, config: RunConfig
     """The stacked arrays a family record describes (checked), with the model axis over every device that divides
     it, so that the jitted, vmapped stage functions run each device's models there."""
     arrays = _arrays(store, record, like)
-    mesh = _models_mesh(config.forgetting)
+    mesh = _models_mesh(config, config.forgetting)
     return arrays if mesh is None else ensembles.shard_models(arrays, mesh)
 
 
@@ -1396,7 +1466,8 @@ def _score_families(store: Workdir, setup_: Setup, config: RunConfig, log: _Log)
         "examples": int(scenario.size),
         "confidence": "logit-scaled confidence of the labels Z was trained with",
         "resamples": config.forgetting_resamples,
-        "devices": 1 if _models_mesh(count) is None else jax.device_count(),  # the model axis was split over these
+        # The devices the model axis was split over.
+        "devices": 1 if _models_mesh(config, count) is None else device_count(config),
         "reference_forget_confidence": float(np.median(reference)),
         "reference_retain_accuracy": reference_retain,
         "reference_test_accuracy": reference_test,

@@ -30,6 +30,7 @@ __all__ = [
     "TEXT_DATASETS",
     "CANARY_FIELDS",
     "FORGETTING_FIELDS",
+    "RECIPE_FIELDS",
     "ESTIMATOR_OF",
     "check_config",
     "scenario_name",
@@ -87,6 +88,12 @@ CORRECTIONS = ("relabel", "remove-trigger")
 # Settings of the forgetting score only: part of a stage key only when --forgetting is on, so runs without it keep
 # their keys (and their workdirs).
 FORGETTING_FIELDS = ("forgetting", "forgetting_resamples")
+# The training recipe beyond Adam at a constant rate (for the paper-scale ResNet), and the compute precision: part
+# of the train key only when they differ from their defaults, so every earlier workdir keeps its keys.
+RECIPE_FIELDS = ("optimizer", "weight_decay", "augment", "precision")
+OPTIMIZERS = ("adam", "sgd")
+AUGMENTATIONS = ("none", "crop-flip")
+PRECISIONS = ("float32", "bfloat16")
 MAX_FAMILY = 4096  # models per family; the family seeds leave room for this many
 
 
@@ -113,7 +120,11 @@ class RunConfig:
     seed: int = 0  # seed for the group, initialization, batches, probes and random masks
     train_steps: int = 500  # Adam steps for the poisoned and the retrained model
     batch_size: int = 64  # training batch size
-    learning_rate: float | None = None  # Adam learning rate for training (default: 1e-3; 3e-3 for the canary)
+    learning_rate: float | None = None  # peak training learning rate (default: adam 1e-3, 3e-3 for the canary; sgd 0.1)
+    optimizer: str = "adam"  # training optimizer: adam (constant rate) or sgd (Nesterov momentum 0.9, cosine decay)
+    weight_decay: float = 0.0  # training weight decay (sgd: L2 added to the gradient; adam: decoupled, as AdamW)
+    augment: str = "none"  # training augmentation: none, or crop-flip (4-pixel padded random crops, mirror flips)
+    precision: str = "float32"  # compute dtype: float32, or bfloat16 (parameters, losses and curvature stay float32)
     curvature_samples: int = 0  # training samples the curvature is estimated on (0: the whole training set)
     probes: int = 2  # Hutchinson probes per batch of 64 samples
     tau: float | None = None  # first-order step size on the group's sum (default: tuned per selection rule)
@@ -130,6 +141,7 @@ class RunConfig:
     forgetting_resamples: int = 10  # bootstrap resamples over models for each forgetting score's interval
     data_dir: str | None = None  # tfds data directory
     download: bool = False  # let tfds download missing data
+    devices: int = 0  # devices to spread each batch (and each family of models) over (0: all); not a stage setting
 
     def __post_init__(self):
         # The canary scenario's own defaults for the data set and the model: text, and a language model.
@@ -139,7 +151,8 @@ class RunConfig:
             if self.model == "cnn":
                 object.__setattr__(self, "model", "transformer")
         if self.learning_rate is None:
-            object.__setattr__(self, "learning_rate", 3e-3 if self.scenario == "canary" else 1e-3)
+            rate = 0.1 if self.optimizer == "sgd" else 3e-3 if self.scenario == "canary" else 1e-3
+            object.__setattr__(self, "learning_rate", rate)
 
 
 # The settings each stage depends on (beyond those of the stages before it).
@@ -158,6 +171,7 @@ STAGE_FIELDS = {
         "train_steps",
         "batch_size",
         "learning_rate",
+        *RECIPE_FIELDS,
         "forgetting",
     ),
     "curvature": ("curvature_samples", "probes"),
@@ -169,7 +183,7 @@ STAGE_FIELDS = {
 
 # Settings that no stage key names but that decide where the data comes from, or the unlearning hyperparameters
 # (part of every method's key through ``hyperparameters``).
-_DATA_FIELDS = ("data_dir", "download")
+_DATA_FIELDS = ("data_dir", "download", "devices")
 _UPDATE_FIELDS = (
     "tau",
     "damping",
@@ -205,6 +219,9 @@ def check_config(config: RunConfig) -> None:
         ("model", MODELS),
         ("scenario", SCENARIOS),
         ("correction", CORRECTIONS),
+        ("optimizer", OPTIMIZERS),
+        ("augment", AUGMENTATIONS),
+        ("precision", PRECISIONS),
     ):
         if getattr(config, option) not in allowed:
             _fail(option, f"{getattr(config, option)!r} is not one of {', '.join(allowed)}.")
@@ -264,6 +281,15 @@ def check_config(config: RunConfig) -> None:
         _fail("forgetting", "the forgetting score is built for the image scenarios; drop it for --scenario canary.")
     if config.forgetting_resamples < 2:
         _fail("forgetting_resamples", f"{config.forgetting_resamples} must be at least 2.")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        _fail("weight_decay", f"{config.weight_decay} must be a non-negative, finite number, e.g. 5e-4.")
+    if config.augment != "none" and (text or config.forgetting):
+        what = "--scenario canary" if text else "--forgetting (its families train on the device from indices)"
+        _fail("augment", f"{config.augment} applies to a single image model; drop it for {what}.")
+    if config.precision != "float32" and text:
+        _fail("precision", f"{config.precision} is for the image models; drop it for --scenario canary.")
+    if config.devices < 0:
+        _fail("devices", f"{config.devices} must be 0 (every device) or a number of devices.")
     if config.ascent_weight is not None and not (math.isfinite(config.ascent_weight) and config.ascent_weight >= 0):
         _fail("ascent_weight", f"{config.ascent_weight} must be a non-negative, finite number.")
 
@@ -350,6 +376,10 @@ def stage_key(config: RunConfig, stage: str) -> str:
         fields = {name: value for name, value in fields.items() if name not in CANARY_FIELDS}
     if config.forgetting == 0:
         fields = {name: value for name, value in fields.items() if name not in FORGETTING_FIELDS}
+    defaults = RunConfig()
+    fields = {
+        name: value for name, value in fields.items() if name not in RECIPE_FIELDS or value != getattr(defaults, name)
+    }
     if STAGES.index(stage) >= STAGES.index("curvature"):  # a record must hold every estimate the rules rank by
         fields["estimators"] = curvature_estimators(config)
     if STAGES.index(stage) >= STAGES.index("unlearn"):

@@ -1,11 +1,9 @@
 """`jaxforget.data.load`: embedded splits, fast offline failures, and tfds data read back without TensorFlow.
 
-The tfds tests prepare tiny stand-ins for mnist, fashion_mnist and cifar10 on disk: subclasses of tfds' own builders
-whose split generators yield a few synthetic PNG images instead of downloading, written in array_record format by
-tfds itself, so the directory layout, metadata and records are exactly those of the real prepared data sets.
+The tfds tests prepare tiny stand-ins for mnist, fashion_mnist and cifar10 on disk, in tfds' own layout and
+format (tests/tfds_fakes.py).
 """
 
-import io
 import json
 import shutil
 import socket
@@ -14,13 +12,12 @@ import time
 
 import numpy as np
 import pytest
+from tfds_fakes import FAKE_SHAPES, fake_images, prepare_fake_tfds
 
 from jaxforget import data as data_lib
 from jaxforget.models import Batch
 
-# name -> (image shape, examples per split); at most 10 per split so that the label identifies the example.
-FAKE_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
-FAKE_SIZES = {"train": 7, "test": 3}
+FAKE_SIZES = {"train": 7, "test": 3}  # at most 10 per split, so that the label identifies the example
 
 
 @pytest.fixture
@@ -38,46 +35,11 @@ def no_network(monkeypatch):
 
 
 def fake_images_for(name, split):
-    """Deterministic uint8 images, one per label 0..n-1 (seeded from the name's bytes: `hash` is salted)."""
-    seed = [int.from_bytes(name.encode(), "little") % 2**32, FAKE_SIZES[split]]
-    return np.random.default_rng(seed).integers(0, 256, (FAKE_SIZES[split], *FAKE_SHAPES[name]), dtype=np.uint8)
-
-
-def png(image):
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return fake_images(name, split, FAKE_SIZES[split])
 
 
 def prepare_fake(name, data_dir):
-    """Prepares a tiny ``name`` in tfds' array_record layout under ``data_dir``, without network or TensorFlow."""
-    import tensorflow_datasets as tfds
-
-    # tfds encodes numpy images with TensorFlow, so the generators hand it PNG bytes, which it stores as they are.
-    def generate(split):
-        for label, image in enumerate(fake_images_for(name, split)):
-            example = {"image": png(image), "label": label}
-            if name == "cifar10":
-                example["id"] = f"{split}_{label:05d}"
-            yield label, example
-
-    # Resolved outside `skip_registration`: the first look-up imports (and registers) tfds' own builders.
-    base = tfds.builder_cls(name)
-    with tfds.core.registered.skip_registration():
-
-        class Fake(base):
-            def _split_generators(self, dl_manager):
-                del dl_manager
-                return {split: generate(split) for split in FAKE_SIZES}
-
-        Fake.name = name
-    builder = Fake(data_dir=data_dir)
-    builder.download_and_prepare(
-        file_format="array_record", download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-    )
-    return builder
+    return prepare_fake_tfds(name, data_dir, FAKE_SIZES)
 
 
 @pytest.fixture(scope="module")
