@@ -59,9 +59,9 @@ NOTES = [
     "carry over.",
     "Both precisions run at the same float32 weights, batch and key: the bfloat16 columns measure what the compute "
     "precision alone does to each estimator.",
-    "The layerwise GGN (ggn, gnb) forms its closed-form squares in the layer's activation dtype, so under bfloat16 "
-    "compute its conv and dense leaves come back bfloat16 (see output_dtypes); Hutchinson and the Fisher "
-    "differentiate with respect to the float32 parameters and accumulate in float32.",
+    "Every estimate comes back in the parameters' dtype (float32, see output_dtypes): the layerwise GGN (ggn, "
+    "gnb) casts the layers' bfloat16 activations and signals to it before forming its squares, and Hutchinson and "
+    "the Fisher differentiate with respect to the float32 parameters.",
 ]
 
 

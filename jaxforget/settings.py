@@ -118,7 +118,7 @@ class RunConfig:
     updates: tuple[str, ...] = ("first-order", "diagonal-newton", "finetune")  # unlearning updates
     cg_selections: tuple[str, ...] = ("hessian-largest", "all")  # selections the (costly) CG update runs on
     seed: int = 0  # seed for the group, initialization, batches, probes and random masks
-    train_steps: int = 500  # Adam steps for the poisoned and the retrained model
+    train_steps: int = 500  # training steps for the poisoned and the retrained model
     batch_size: int = 64  # training batch size
     learning_rate: float | None = None  # peak training learning rate (default: adam 1e-3, 3e-3 for the canary; sgd 0.1)
     optimizer: str = "adam"  # training optimizer: adam (constant rate) or sgd (Nesterov momentum 0.9, cosine decay)

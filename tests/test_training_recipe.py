@@ -124,3 +124,15 @@ def test_bfloat16_setting_builds_a_bfloat16_model_with_float32_parameters():
     assert setup_.model.dtype == jnp.bfloat16
     params = pipeline._params_like(setup_, config)
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)}
+
+
+def test_more_devices_than_present_is_a_one_line_error_before_compute(tmp_path, capsys):
+    from conftest import SMALL_RUN
+
+    from jaxforget import cli
+
+    status = cli.main(["run", *SMALL_RUN, "--devices", "64", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path)])
+    assert status == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("jaxforget: error: --devices: 64 asked for, but JAX sees 1") and "\n" not in error
+    assert not (tmp_path / "w").exists()
