@@ -19,7 +19,15 @@ from jaxforget.curvature import (
     hutchinson_residual_diagonal,
     hvp,
 )
-from jaxforget.data import EMBEDDED_DATASETS, TFDS_DATASETS, batches, embedded_dataset, load, stratified_split
+from jaxforget.data import (
+    EMBEDDED_DATASETS,
+    TFDS_DATASETS,
+    batches,
+    crop_flip,
+    embedded_dataset,
+    load,
+    stratified_split,
+)
 from jaxforget.exposure import estimated_exposure, exact_rank_and_exposure, greedy_extraction
 from jaxforget.forgetting import (
     BootstrapInterval,
@@ -128,6 +136,7 @@ __all__ = [
     "embedded_dataset",
     "stratified_split",
     "batches",
+    "crop_flip",
     "Batch",
     "CNN",
     "MLP",
