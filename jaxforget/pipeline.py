@@ -385,6 +385,16 @@ def _data_mesh(config: RunConfig, size: int):
     return None if count == 1 else sharding.data_mesh(jax.devices()[:count])
 
 
+def _place(mesh, batch: models.Batch) -> models.Batch:
+    """``batch`` split over ``mesh``'s devices when they divide it evenly, else whole on each; as it is without a
+    mesh."""
+    if mesh is None:
+        return batch
+    if len(batch.labels) % mesh.size == 0:
+        return sharding.shard_batch(batch, mesh)
+    return sharding.replicate(batch, mesh)
+
+
 def _chunks(batch: models.Batch, size: int) -> list[models.Batch]:
     """Consecutive batches of ``min(size, n)`` rows, in order; the last one holds the remainder."""
     return list(data.batches(batch, min(size, len(batch.labels)), seed=0, shuffle=False, drop_remainder=False))
@@ -462,14 +472,13 @@ def _stage_train(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict, di
     for index, (name, training_set) in enumerate(pending):
         state = _new_state(setup_, config, training_optimizer(config))
         epochs = -(-config.train_steps // (len(training_set.labels) // config.batch_size))  # full batches only
-        place = lambda stream: stream  # noqa: E731
         if mesh is not None:  # the state on every device, each batch split over them
             state = sharding.replicate(state, mesh)
-            place = lambda stream: (sharding.shard_batch(batch, mesh) for batch in stream)  # noqa: E731
+        place = functools.partial(_place, mesh)
         if index == 0:
-            probe = place(_training_stream(training_set, config, 1))
+            probe = map(place, _training_stream(training_set, config, 1))
             _estimate_training(step, state, probe, config, len(pending), log)
-        stream = place(_training_stream(training_set, config, epochs))
+        stream = map(place, _training_stream(training_set, config, epochs))
         start = time.perf_counter()
         state, history = train.fit(
             state, stream, step, num_steps=config.train_steps, progress=not log.quiet, description=f"train {name}"
@@ -574,20 +583,16 @@ def _stage_curvature(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict
     scenario = setup_.scenario
     training = scenario.train
     sample = training if config.curvature_samples == 0 else _subset(training, config.curvature_samples, config.seed)
-    whole = chunks = _chunks(sample, _CURVATURE_BATCH)
+    # The parameters on every device, each batch split over them (the last, short one whole).
     mesh = _data_mesh(config, _CURVATURE_BATCH)
-    place = lambda batches: batches  # noqa: E731
-    if mesh is not None:  # the parameters on every device, each full batch split over them (the last whole)
+    plain = _chunks(sample, _CURVATURE_BATCH)  # on the host; the families place them along their model axis
+    chunks = whole = [_place(mesh, b) for b in plain]
+    if mesh is not None:
         params, stats = sharding.replicate((params, stats), mesh)
-        place = lambda batches: [  # noqa: E731
-            sharding.shard_batch(b, mesh) if len(b.labels) % mesh.size == 0 else sharding.replicate(b, mesh)
-            for b in batches
-        ]
-        chunks = place(chunks)
         # Not split for the empirical Fisher: XLA (jax 0.10.2) partitions the batch-grouped convolution of its
         # vmapped per-example gradients wrongly (the kernel gradients of examples off the first device come out
         # wrong; benchmarks/sharding.py), so every device computes the whole batch.
-        whole = sharding.replicate(whole, mesh)
+        whole = sharding.replicate(plain, mesh)
     needed = curvature_estimators(config)
     estimators = _estimators(setup_.model, config.probes)
     key = jax.random.key(config.seed)
@@ -608,7 +613,8 @@ def _stage_curvature(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict
         # A language model has no exact diagonal to score against: recall is against the Hessian rule's estimate.
         reference, reference_samples = diagonals["hessian"], len(sample.labels)
     else:  # the selection quality is always scored against the whole training loss's diagonal
-        reference, _ = _stream(estimators["hessian"], params, stats, place(_chunks(training, _CURVATURE_BATCH)), key)
+        every = [_place(mesh, b) for b in _chunks(training, _CURVATURE_BATCH)]
+        reference, _ = _stream(estimators["hessian"], params, stats, every, key)
         reference_samples = len(training.labels)
         log(f"curvature: the whole-data exact diagonal (reference for top-k recall) on {reference_samples} samples")
 
@@ -636,7 +642,7 @@ def _stage_curvature(store: Workdir, config: RunConfig, log: _Log) -> tuple[dict
         f"{record['zero_share']:.1%} of the exact diagonal is exactly zero"
     )
     if config.forgetting:
-        record["family"] = _family_curvature(store, setup_, config, needed, chunks, log)
+        record["family"] = _family_curvature(store, setup_, config, needed, plain, log)
         files.update(record["family"]["files"])
     return record, files
 

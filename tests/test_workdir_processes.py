@@ -3,6 +3,7 @@ fails if the fault goes undetected: every run that finishes must report the clea
 
 import os
 import pathlib
+import select
 import shutil
 import signal
 import subprocess
@@ -27,6 +28,18 @@ def _start(args: list[str]) -> subprocess.Popen:
     """``jaxforget ARGS`` in a new process, with Python's own Ctrl-C handling (a test runner may ignore SIGINT)."""
     command = [sys.executable, "-c", _ENTRY, *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _read_until(stream, marker: str, timeout: float = 300.0) -> str:
+    """What the pipe ``stream`` says until ``marker`` appears in it, it closes, or ``timeout`` seconds pass."""
+    text, deadline, descriptor = "", time.monotonic() + timeout, stream.fileno()
+    while marker not in text and time.monotonic() < deadline:
+        if select.select([descriptor], [], [], 1.0)[0]:
+            chunk = os.read(descriptor, 4096).decode()
+            if not chunk:
+                break
+            text += chunk
+    return text
 
 
 def _without_unlearning(work: pathlib.Path) -> None:
@@ -69,10 +82,14 @@ def test_a_second_run_waits_for_the_lock_or_fails_at_once_with_no_wait(clean_run
             "wait for it (drop --no-wait), or choose another --workdir."
         )
         waiting = _start(args)
-        time.sleep(8)
+        # Until it says it waits (a fixed sleep let a run still starting up on a loaded machine reach the lock only
+        # after its release, so that it never waited).
+        said = _read_until(waiting.stderr, f"waiting for the jaxforget run with pid {os.getpid()}")
+        assert f"waiting for the jaxforget run with pid {os.getpid()}" in said
+        time.sleep(1)
         assert waiting.poll() is None  # still waiting for the lock
     _, error = waiting.communicate(timeout=300)
-    assert waiting.returncode == 0 and f"waiting for the jaxforget run with pid {os.getpid()}" in error
+    assert waiting.returncode == 0, said + error
 
 
 def _signal_mid_unlearn(clean_run, tmp_path, signum) -> tuple[subprocess.Popen, pathlib.Path, str]:
