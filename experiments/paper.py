@@ -34,27 +34,14 @@ import math
 import sys
 import time
 
+from jaxforget import settings
+
 SEEDS = "0,1,2,3,4"
 SCENARIOS = ("label-flip", "backdoor")
 # Every selection rule and update; CG (a linear solve per method) on the Hessian rule and on all parameters.
 _METHODS = {
-    "--selections": ",".join(
-        (
-            "hessian-largest",
-            "hessian-smallest",
-            "hessian-smallest-nonzero",
-            "hutchinson-largest",
-            "gnb-largest",
-            "fisher-largest",
-            "gradient-largest",
-            "unlearning-gradient-largest",
-            "random",
-            "last-layer",
-            "last-layers",
-            "all",
-        )
-    ),
-    "--updates": "first-order,diagonal-newton,finetune,finetune-corrected,finetune-ascent,cg",
+    "--selections": ",".join(settings.SELECTIONS),
+    "--updates": ",".join(settings.UPDATES),
     "--cg-selections": "hessian-largest,all",
 }
 CONFIGS = {
