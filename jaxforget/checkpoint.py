@@ -1,6 +1,8 @@
-"""Checkpoints of a :class:`~jaxforget.train.TrainState`, with extra pytrees (masks, curvature) and JSON metadata.
+"""Checkpoints of a training state, with extra pytrees (masks, curvature) and JSON metadata.
 
-::
+The state is any Flax ``TrainState`` (jaxforget's, Flax's own, a subclass with fields of its own, with or without
+batch statistics), any other ``flax.struct`` dataclass, or any pytree of arrays: a dict, an ``nnx.State``, an NNX
+module or a tuple ``(model, optimizer)`` of NNX objects. ::
 
     save_checkpoint(workdir, state, extra={"mask": mask, "curvature": diagonal}, metadata={"config": config})
     target = create_train_state(model, jax.random.key(0), input_shape, tx)
@@ -13,9 +15,12 @@ On disk, ``directory`` holds one published checkpoint and a pointer to it::
       LATEST            JSON naming the published checkpoint and the SHA-256 and size of each of its files:
                         {"checkpoint": "ckpt_000003", "sha256": {"model/_METADATA": "ab12...", ...},
                          "size": {"model/_METADATA": 4394, ...}}
-      ckpt_000003/      an orbax-checkpoint composite checkpoint with four items:
-        model/            {"step", "params", "batch_stats"} (orbax PyTree)
-        opt_state/        the optimizer state (orbax PyTree; its jax treedef in the item's custom metadata)
+      ckpt_000003/      an orbax-checkpoint composite checkpoint with up to four items:
+        model/            the state's arrays but its optimizer state, as nested dicts named by their pytree paths:
+                          {"step", "params", "batch_stats"} for jaxforget's TrainState, every data field for
+                          another dataclass, the whole tree for any other pytree (orbax PyTree)
+        opt_state/        a dataclass state's ``opt_state`` field, where it has one (orbax PyTree; its jax treedef in
+                          the item's custom metadata)
         extra/            the ``extra`` dict (orbax PyTree; absent when there is none)
         metadata/         the metadata dict (JSON)
 
@@ -99,11 +104,30 @@ def _named_leaves(tree: PyTree) -> dict[str, Any]:
     return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def _is_key(leaf: Any) -> bool:
+    """Whether ``leaf`` is a typed PRNG key array (``jax.random.key``; an NNX module's ``Rngs`` hold them), which a
+    checkpoint stores as its ``jax.random.key_data``."""
+    return isinstance(leaf, jax.Array | jax.ShapeDtypeStruct) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _stored_form(leaf: Any) -> Any:
+    """``leaf`` as a checkpoint stores it: a typed key as its raw data, anything else as it is."""
+    return jax.eval_shape(jax.random.key_data, leaf) if _is_key(leaf) else leaf
+
+
+def _from_stored(restored: Any, target_leaf: Any) -> Any:
+    """The restored leaf in the form of ``target_leaf``: raw key data wrapped back into a typed key of its impl."""
+    if not _is_key(target_leaf):
+        return restored
+    return jax.random.wrap_key_data(restored, impl=getattr(target_leaf.dtype, "_impl", None))
+
+
 def _leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
-    return {
-        name: tuple(leaf.shape if hasattr(leaf, "shape") else np.shape(leaf))
-        for name, leaf in _named_leaves(tree).items()
-    }
+    shapes = {}
+    for name, leaf in _named_leaves(tree).items():
+        leaf = _stored_form(leaf)
+        shapes[name] = tuple(leaf.shape if hasattr(leaf, "shape") else np.shape(leaf))
+    return shapes
 
 
 def _mismatches(stored: PyTree, wanted: PyTree, name: str) -> list[str]:
@@ -133,7 +157,7 @@ def _restore_args(leaf: Any) -> ocp.RestoreArgs:
     if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct):
         # Abstract leaves from jax.eval_shape carry no sharding: those go to the default device.
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if leaf.sharding is None else leaf.sharding
-        return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=leaf.shape)
+        return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=_stored_form(leaf).shape)
     if isinstance(leaf, int | float):
         return ocp.RestoreArgs(restore_type=type(leaf))
     return ocp.RestoreArgs(restore_type=np.ndarray)
@@ -156,7 +180,61 @@ def _restore_request(stored: PyTree, target: PyTree | None) -> ocp.args.PyTreeRe
 def _rebuild(restored: PyTree, target: PyTree) -> PyTree:
     """``target``'s tree structure with the leaves of ``restored`` (orbax's dicts and lists) of the same names."""
     leaves = _named_leaves(restored)
-    return jax.tree_util.tree_map_with_path(lambda path, _: leaves[_path_name(path)], target)
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: _from_stored(leaves[_path_name(path)], leaf), target)
+
+
+def _data_fields(state: Any) -> list[str] | None:
+    """The names of a dataclass state's pytree fields (``apply_fn`` and ``tx`` of a Flax ``TrainState`` are not),
+    or ``None`` for any other pytree."""
+    if not dataclasses.is_dataclass(state) or isinstance(state, type):
+        return None
+    return [field.name for field in dataclasses.fields(state) if field.metadata.get("pytree_node", True)]
+
+
+def _state_parts(state: Any) -> tuple[dict[str, Any], Any]:
+    """``(model, opt_state)``: what the "model" item holds (a dict: the data fields but ``opt_state``, or the whole
+    tree under "pytree") and the optimizer state of a dataclass with an ``opt_state`` field (else ``None``)."""
+    fields = _data_fields(state)
+    if fields is None:
+        return {"pytree": state}, None
+    model = {name: getattr(state, name) for name in fields if name != "opt_state"}
+    opt_state = state.opt_state if "opt_state" in fields else None
+    # An optimizer state with no arrays (plain SGD's) is no item: orbax stores no empty tree.
+    return model, opt_state if jax.tree.leaves(opt_state) else None
+
+
+def _nested(tree: PyTree) -> dict[str, Any]:
+    """``tree``'s leaves in nested dicts keyed by the names of their path entries (dict keys, attributes, indices),
+    the form in which orbax stores any pytree; empty subtrees (``batch_stats={}``, ``None``) hold no leaf and drop."""
+    nested: dict[str, Any] = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        names = [_key_name(key) for key in path]
+        node = nested
+        for name in names[:-1]:
+            node = node.setdefault(name, {})
+        node[names[-1]] = jax.random.key_data(leaf) if _is_key(leaf) else leaf
+    return nested
+
+
+def _check_state(state: Any, name: str) -> None:
+    """Raises ValueError, before anything is written or read, on what a checkpoint cannot store."""
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    if not leaves:
+        raise ValueError(f"{name} holds no arrays: a checkpoint stores a pytree of arrays (params, optimizer state).")
+    for path, leaf in leaves:
+        if not isinstance(leaf, jax.Array | jax.ShapeDtypeStruct | np.ndarray | np.generic | int | float):
+            raise ValueError(
+                f"{name}{jax.tree_util.keystr(path)} is a {type(leaf).__name__}, but a checkpoint stores arrays and "
+                "numbers only: declare a field that holds code or configuration with "
+                "flax.struct.field(pytree_node=False), or put such values in metadata."
+            )
+    names = [_path_name(path) for path, _ in leaves]
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise ValueError(
+            f"{name} has two leaves named {duplicate!r} (a dict key and an index or attribute of the same name); "
+            "rename one, since a checkpoint stores leaves by name."
+        )
 
 
 def _check_extra(extra: PyTree) -> None:
@@ -433,12 +511,11 @@ def _stored_items(checkpointer: ocp.Checkpointer, path: pathlib.Path) -> dict[st
     """The orbax metadata of each item of the checkpoint ``path``.
 
     Raises:
-      CorruptFileError: if orbax cannot read it, or the model or optimizer item is missing.
+      CorruptFileError: if orbax cannot read it, or the model item is missing.
     """
     stored = _orbax_read(path, lambda: checkpointer.metadata(path).item_metadata)
-    for name in ("model", "opt_state"):
-        if stored.get(name) is None:
-            raise CorruptFileError(path, f"it has no {name} item")
+    if stored.get("model") is None:
+        raise CorruptFileError(path, "it has no model item")
     return stored
 
 
@@ -473,6 +550,7 @@ def save_checkpoint(
       ValueError: if ``extra`` is not a dict of pytrees of arrays or ``metadata`` is not a JSON-serializable dict;
         nothing is written.
     """
+    _check_state(state, "state")
     _check_extra(extra)
     record = _metadata_record(metadata)
     directory = pathlib.Path(directory).absolute()
@@ -481,13 +559,12 @@ def save_checkpoint(
     number = 1 + max((number for number, _ in _entries(directory)), default=0)
     path = directory / f"{_PREFIX}{number:06d}"
 
-    items = {
-        "model": ocp.args.PyTreeSave({"step": state.step, "params": state.params, "batch_stats": state.batch_stats}),
-        "opt_state": ocp.args.PyTreeSave(
-            state.opt_state, custom_metadata={"treedef": str(jax.tree.structure(state.opt_state))}
-        ),
-        "metadata": ocp.args.JsonSave(record),
-    }
+    model, opt_state = _state_parts(state)
+    items = {"model": ocp.args.PyTreeSave(_nested(model)), "metadata": ocp.args.JsonSave(record)}
+    if opt_state is not None:
+        items["opt_state"] = ocp.args.PyTreeSave(
+            opt_state, custom_metadata={"treedef": str(jax.tree.structure(opt_state))}
+        )
     if extra is not None:
         items["extra"] = ocp.args.PyTreeSave(extra)
     with _checkpointer() as checkpointer:
@@ -506,35 +583,52 @@ def save_checkpoint(
     return path
 
 
+def _restored_opt_state(stored: dict[str, Any], target: Any) -> tuple[bool, Any]:
+    """``(restorable, wanted)``: whether the saved optimizer state fits ``target``'s (the same jax tree structure,
+    that is the same optimizer, and leaf shapes), and ``target``'s optimizer state (``None`` when it has none)."""
+    fields = _data_fields(target)
+    wanted = target.opt_state if fields is not None and "opt_state" in fields else None
+    saved = stored.get("opt_state")
+    if saved is None:  # none saved, or one without arrays (plain SGD's)
+        return not jax.tree.leaves(wanted), wanted
+    if wanted is None:
+        return False, None
+    same_optimizer = saved.custom_metadata.get("treedef") == str(jax.tree.structure(wanted))
+    return same_optimizer and not _mismatches(saved.tree, wanted, "target"), wanted
+
+
 def restore_checkpoint(
     directory: str | os.PathLike, target: Any, *, extra_target: dict[str, PyTree] | None = None
 ) -> tuple[Any, dict[str, PyTree] | None, dict[str, Any]]:
     """Restores the newest checkpoint of ``directory`` into the structure of ``target``.
 
-    ``params``, ``batch_stats`` and ``step`` take ``target``'s tree structure, array types and shardings, and keep
-    their saved dtypes and values bit for bit: a fresh target's dtypes may differ from the trained state's (batch
-    norm statistics of float64 inputs are float64, a fresh state's float32), and casting would lose bits silently;
-    cast the result yourself if you want other dtypes.
+    Every array of the state takes ``target``'s tree structure, array types and shardings, and keeps its saved dtype
+    and value bit for bit: a fresh target's dtypes may differ from the trained state's (batch norm statistics of
+    float64 inputs are float64, a fresh state's float32), and casting would lose bits silently; cast the result
+    yourself if you want other dtypes. Fields that are not pytree nodes (a ``TrainState``'s ``apply_fn`` and
+    ``tx``) are ``target``'s.
 
-    ``opt_state`` is restored only if the saved one has the same jax tree structure (the same optimizer: its state's
-    NamedTuple types) and leaf shapes as ``target.opt_state``; otherwise it is ``target.tx.init(params)`` of the
-    restored params, so a checkpoint trained with Adam can be fine-tuned with SGD.
-    ``metadata["opt_state_restored"]`` says which happened.
+    A dataclass state's ``opt_state`` is restored only if the saved one has the same jax tree structure (the same
+    optimizer: its state's NamedTuple types) and leaf shapes as ``target.opt_state``; otherwise it is
+    ``target.tx.init(params)`` of the restored params, so a checkpoint trained with Adam can be fine-tuned with SGD.
+    ``metadata["opt_state_restored"]`` says which happened. Any other pytree (an NNX optimizer's state among them)
+    is restored whole or not at all.
 
     Args:
       directory: a directory written by :func:`save_checkpoint`.
-      target: a :class:`~jaxforget.train.TrainState` for the same model, e.g.
-        ``create_train_state(model, key, input_shape, tx)`` with any key and any optimizer ``tx``; only its
-        structure, shapes, array types and shardings are used, so an abstract one from ``jax.eval_shape`` saves
-        initializing the model (its arrays land on the default device).
+      target: a state of the same kind and model as the saved one, e.g. ``create_train_state(model, key,
+        input_shape, tx)`` with any key and any optimizer ``tx``, or a fresh ``nnx.state(model)``; only its
+        structure, shapes, array types and shardings are used, so an abstract one from ``jax.eval_shape`` (or
+        ``nnx.eval_shape``) saves initializing the model (its arrays land on the default device).
       extra_target: optional ``{name: pytree}`` giving the structure, array types and shardings of the saved extras
         (their dtypes are the saved ones, as for ``target``).
         Without it the extras come back as nested dicts (orbax turns tuples into lists and NamedTuples into dicts
         keyed by field name) of NumPy arrays.
 
     Returns:
-      ``(state, extra, metadata)``: ``target`` with the restored fields; the extras (``None`` if none were saved);
-      the saved metadata record (see :func:`save_checkpoint`) plus ``"opt_state_restored"`` (bool).
+      ``(state, extra, metadata)``: ``target`` with the restored arrays (a new object: an NNX module is rebuilt, not
+      updated in place; ``nnx.update(model, state)`` does that); the extras (``None`` if none were saved); the saved
+      metadata record (see :func:`save_checkpoint`) plus ``"opt_state_restored"`` (bool).
 
     Raises:
       FileNotFoundError: if ``directory`` holds no checkpoint.
@@ -542,14 +636,16 @@ def restore_checkpoint(
         :func:`verify_checkpoint` (skipped for a checkpoint published with a plain-name pointer), or ``LATEST``
         cannot be parsed; and if orbax cannot read the checkpoint (the error names the checkpoint and carries
         orbax's message).
-      ValueError: if the saved params or batch stats differ from ``target``'s in keys or shapes (a different model,
-        other widths, batch norm on one side only), or the saved extras from ``extra_target``'s; nothing is
+      ValueError: if the saved arrays differ from ``target``'s in names or shapes (a different model, other
+        widths, batch norm on one side only, a dataclass state against a plain pytree), if a target without a ``tx``
+        does not take the saved optimizer state, or if the saved extras differ from ``extra_target``'s; nothing is
         restored.
     """
+    _check_state(target, "target")
     directory = pathlib.Path(directory).absolute()  # orbax needs absolute paths
     path, pointer = _published(directory)
     _verify_files(path, pointer)
-    model = {"step": target.step, "params": target.params, "batch_stats": target.batch_stats}
+    model, _ = _state_parts(target)
     with _checkpointer() as checkpointer:
         stored = _stored_items(checkpointer, path)
         _check_matches(
@@ -557,9 +653,15 @@ def restore_checkpoint(
             model,
             "target",
             path,
-            "Build target for the model the checkpoint was saved from (same layers and widths, batch norm on or "
-            "off alike), e.g. with create_train_state(model, key, input_shape, tx).",
+            "Build target for the model the checkpoint was saved from (the same kind of state, layers and widths, "
+            "batch norm on or off alike), e.g. with create_train_state(model, key, input_shape, tx).",
         )
+        opt_state_matches, wanted_opt_state = _restored_opt_state(stored, target)
+        if not opt_state_matches and not hasattr(target, "tx"):
+            raise ValueError(
+                f"target's opt_state does not match the checkpoint {path}'s, and target has no tx to initialize "
+                "one; build target with the optimizer the checkpoint was saved with."
+            )
         stored_extra = stored.get("extra")
         if extra_target is not None:
             if stored_extra is None:
@@ -571,26 +673,24 @@ def restore_checkpoint(
                 path,
                 "Pass extra_target=None to restore the extras as they were saved.",
             )
-        opt_state_matches = stored["opt_state"].custom_metadata.get("treedef") == str(
-            jax.tree.structure(target.opt_state)
-        ) and not _mismatches(stored["opt_state"].tree, target.opt_state, "target")
 
         items = {"model": _restore_request(stored["model"].tree, model), "metadata": ocp.args.JsonRestore()}
-        if opt_state_matches:
-            items["opt_state"] = _restore_request(stored["opt_state"].tree, target.opt_state)
+        if opt_state_matches and stored.get("opt_state") is not None:
+            items["opt_state"] = _restore_request(stored["opt_state"].tree, wanted_opt_state)
         if stored_extra is not None:
             items["extra"] = _restore_request(stored_extra.tree, extra_target)
         restored = _orbax_read(path, lambda: checkpointer.restore(path, ocp.args.Composite(**items)))
 
     model = _rebuild(restored["model"], model)
-    opt_state = _rebuild(restored["opt_state"], target.opt_state) if opt_state_matches else None
     extra = None
     if stored_extra is not None:
         extra = restored["extra"] if extra_target is None else _rebuild(restored["extra"], extra_target)
-    state = target.replace(
-        step=model["step"],
-        params=model["params"],
-        batch_stats=model["batch_stats"],
-        opt_state=target.tx.init(model["params"]) if opt_state is None else opt_state,
-    )
-    return state, extra, {**restored["metadata"], _RESTORE_KEY: opt_state_matches}
+    metadata = {**restored["metadata"], _RESTORE_KEY: opt_state_matches}
+    if _data_fields(target) is None:
+        return model["pytree"], extra, metadata
+    if "opt_state" in _data_fields(target):
+        if not opt_state_matches:
+            model["opt_state"] = target.tx.init(model["params"])
+        elif "opt_state" in items:
+            model["opt_state"] = _rebuild(restored["opt_state"], wanted_opt_state)
+    return dataclasses.replace(target, **model), extra, metadata

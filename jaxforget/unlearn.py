@@ -117,13 +117,24 @@ def _check_positive_number(value: float, name: str) -> None:
     raise ValueError(f"{name}={value!r} must be a positive, finite number.")
 
 
+def _stacked_hessian_batches(hessian_batches: PyTree | Sequence[PyTree], old_batch: PyTree) -> PyTree:
+    """``hessian_batches`` as one stacked pytree [K, B, ...]: a list or tuple of batches shaped like ``old_batch`` is
+    stacked (:func:`stack_batches`); a pytree with ``old_batch``'s structure is taken as already stacked."""
+    structure = jax.tree.structure(old_batch)
+    if jax.tree.structure(hessian_batches) == structure:
+        return hessian_batches
+    if isinstance(hessian_batches, list | tuple) and hessian_batches:
+        if all(jax.tree.structure(batch) == structure for batch in hessian_batches):
+            return stack_batches(hessian_batches)
+    raise ValueError(
+        "hessian_batches must be a list of batches with the tree structure of old_batch (e.g. [Batch(inputs, "
+        "labels), ...], equal-sized), or those batches stacked with a leading axis of batches "
+        "(stack_batches([batch_1, ..., batch_K]))."
+    )
+
+
 def _check_hessian_batches(hessian_batches: PyTree, old_batch: PyTree) -> tuple[int, int]:
     """(K, B) of stacked ``hessian_batches`` [K, B, ...], checked against a batch of the same kind."""
-    if jax.tree.structure(hessian_batches) != jax.tree.structure(old_batch):
-        raise ValueError(
-            "hessian_batches must have the tree structure of old_batch (e.g. Batch(inputs, labels)), with a leading "
-            "axis of batches: build it with stack_batches([batch_1, ..., batch_K])."
-        )
     shapes = [jnp.shape(leaf) for leaf in jax.tree.leaves(hessian_batches)]
     sample_shapes = [jnp.shape(leaf)[1:] for leaf in jax.tree.leaves(old_batch)]
     if any(len(shape) < 2 or shape[2:] != sample[:] for shape, sample in zip(shapes, sample_shapes, strict=True)):
@@ -369,7 +380,7 @@ def second_order_update(
     params: PyTree,
     old_batch: PyTree,
     new_batch: PyTree,
-    hessian_batches: PyTree,
+    hessian_batches: PyTree | Sequence[PyTree],
     *,
     num_train: int | None = None,
     mask: PyTree | None = None,
@@ -391,9 +402,10 @@ def second_order_update(
       params: the trained parameters θ*.
       old_batch: the group Z as trained on (n samples).
       new_batch: its corrected version Z~ (the same n samples, in the same order).
-      hessian_batches: the training data the Hessian is taken on, as K equal-sized batches stacked into leaves of
-        shape [K, B, ...] (:func:`stack_batches`). CG uses the mean over all K in every product; LiSSA uses batch
-        ``j mod K`` at step j, as a stochastic estimate.
+      hessian_batches: the training data the Hessian is taken on: a list (or tuple) of K equal-sized batches like
+        ``old_batch``, or the same stacked into leaves of shape [K, B, ...] (:func:`stack_batches`, which saves
+        stacking again on every call). CG uses the mean over all K in every product; LiSSA uses batch ``j mod K``
+        at step j, as a stochastic estimate.
       num_train: N, the number of training samples (defaults to K · B, right when ``hessian_batches`` is the whole
         training set; pass the training-set size when it is a subsample).
       mask: optional boolean pytree shaped like ``params``; entries outside it are returned unchanged, bitwise.
@@ -411,6 +423,7 @@ def second_order_update(
       ``(new_params, diagnostics)``; see the module docstring for the diagnostics, plus ``scale`` for LiSSA.
     """
     n = _check_group(old_batch, new_batch)
+    hessian_batches = _stacked_hessian_batches(hessian_batches, old_batch)
     num_batches, batch_size = _check_hessian_batches(hessian_batches, old_batch)
     num_train = _check_num_train(num_train, num_batches * batch_size, n)
     _check_choice(solver, _SOLVERS, "solver")

@@ -3,6 +3,7 @@
 import functools
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,6 +128,10 @@ def test_second_order_is_the_newton_step_of_the_sum_objective(poisoned_regressio
     )
     split, _ = _second_order({**p, "hessian_batches": thirds}, damping=0.0, tol=1e-13, max_iterations=200)
     np.testing.assert_allclose(ravel(split), expected, rtol=0, atol=1e-11)
+    # The same three batches as a plain list are stacked by the update itself: bitwise the same step.
+    as_list = [jax.tree.map(lambda a, i=i: a[i], thirds) for i in range(3)]
+    from_list, _ = _second_order({**p, "hessian_batches": as_list}, damping=0.0, tol=1e-13, max_iterations=200)
+    chex.assert_trees_all_equal(from_list, split)
 
     # N is the scale: twice the training set halves the step (the mean Hessian is unchanged, ḡ = g / N halves).
     doubled, _ = _second_order(p, num_train=2 * n_train, damping=0.0, tol=1e-13, max_iterations=200)
@@ -314,6 +319,9 @@ DIAGONAL = functools.partial(unlearn.diagonal_newton_update, _raising_loss, W)
         (lambda: SECOND(OLD, NEW, HESSIAN, damping=-1e-3), "damping"),
         (lambda: SECOND(OLD, NEW, HESSIAN, solver="lbfgs"), "solver"),
         (lambda: SECOND(OLD, NEW, OLD), "stack_batches"),
+        (lambda: SECOND(OLD, NEW, [OLD, jf.Batch(NEW.inputs[:2], NEW.labels[:2])]), "different sizes"),
+        (lambda: SECOND(OLD, NEW, [OLD, {"x": NEW.inputs}]), "list of batches"),
+        (lambda: SECOND(OLD, NEW, []), "list of batches"),
         (lambda: SECOND(OLD, NEW, HESSIAN, num_train=2), "num_train"),
         (lambda: SECOND(OLD, NEW, HESSIAN, mask={"w": jnp.ones(3, bool)}), "mask"),
         (lambda: DIAGONAL(OLD, NEW, {"w": jnp.ones(2)}, num_train=10, damping=0.0), "damping"),
