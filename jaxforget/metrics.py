@@ -162,6 +162,10 @@ def membership_inference_auc(member_losses: Any, nonmember_losses: Any) -> float
     indistinguishable (what a model that never saw the members scores against non-members from the same
     distribution), below 0.5 means members have the higher losses.
 
+    It equals ``sklearn.metrics.roc_auc_score`` with members as the positive class and ``-loss`` as the score (to
+    1e-12, tested), but takes infinite losses (an overflowed cross-entropy ranks last, as it should), which
+    scikit-learn refuses, and needs no label vector; it is also faster (NumPy midranks, no ROC curve).
+
     Args:
       member_losses: per-sample losses [m] of samples the attack should flag (e.g. the group Z, with its training
         labels).

@@ -96,6 +96,13 @@ def test_membership_auc_matches_sklearn():
         assert membership_inference_auc(members, nonmembers) == pytest.approx(roc_auc_score(truth, scores), abs=1e-12)
 
 
+def test_membership_auc_ranks_infinite_losses_last():
+    # An overflowed loss is the least member-like of all; scikit-learn's roc_auc_score refuses infinities.
+    assert membership_inference_auc([np.inf, 1.0], [0.5, 2.0]) == 0.25
+    assert membership_inference_auc([1.0, 2.0], [np.inf, np.inf]) == 1.0
+    assert membership_inference_auc([np.inf], [np.inf]) == 0.5
+
+
 def test_membership_auc_rejects_empty_and_nan():
     with pytest.raises(ValueError, match="member_losses is empty"):
         membership_inference_auc([], [1.0])
