@@ -4,6 +4,8 @@ The pipeline is curvature (jaxforget.curvature) -> mask (jaxforget.selection) ->
 (jaxforget.masking); each stage is a small pure function on pytrees.
 """
 
+from importlib import metadata as _metadata
+
 from jaxforget.atomic import CorruptFileError
 from jaxforget.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint, verify_checkpoint
 from jaxforget.curvature import (
@@ -103,7 +105,10 @@ from jaxforget.unlearn import (
     stack_batches,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("jaxforget")  # defined once, in pyproject.toml
+except _metadata.PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "hvp",
