@@ -64,6 +64,8 @@ from jaxforget.metrics import (
     top_k_recall,
 )
 from jaxforget.models import CNN, MLP, Batch, ResNet18, TransformerLM, init_model, logits_fn_for, loss_fn_for
+from jaxforget.nnx_adapter import nnx_logits_fn, nnx_loss_fn
+from jaxforget.nnx_models import NNXCNN, nnx_cnn_from_linen
 from jaxforget.scenarios import (
     CanaryScenario,
     Scenario,
@@ -159,6 +161,10 @@ __all__ = [
     "init_model",
     "logits_fn_for",
     "loss_fn_for",
+    "nnx_logits_fn",
+    "nnx_loss_fn",
+    "NNXCNN",
+    "nnx_cnn_from_linen",
     "TrainState",
     "create_train_state",
     "train_step",

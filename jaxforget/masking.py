@@ -18,6 +18,10 @@ Which tool for which mask:
   *raw gradients* of the others through as their updates, so those leaves move. It restricts one stage of a chain
   (say, weight decay to some leaves); it does not freeze.
 
+Flax NNX: ``nnx.Optimizer(model, freeze_unselected(tx, mask), wrt=nnx.Param)``, with ``mask`` an ``nnx.State``
+shaped like ``nnx.state(model, nnx.Param)`` (e.g. :func:`jaxforget.select_top` of a diagonal computed on the state
+from :func:`jaxforget.nnx_logits_fn`), with ``nnx.Param`` leaves or the plain arrays of ``nnx.as_pure``.
+
 Zero updates are ``-0.0``: ``p + (-0.0)`` is ``p`` bit for bit for every number ``p``, ``-0.0`` included (where
 ``p + 0.0`` gives ``+0.0``), so ``optax.apply_updates`` and ``TrainState.apply_gradients`` leave frozen entries
 exactly as they were. Keep :func:`freeze_unselected` outermost: a later ``optax.scale`` by a negative factor would
@@ -35,6 +39,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from jaxforget.curvature import check_tree_matches
 from jaxforget.selection import check_mask
@@ -65,14 +70,33 @@ class FreezeState(NamedTuple):
     inner_state: optax.OptState
 
 
+def _plain(tree: PyTree) -> PyTree:
+    """``tree`` with every NNX ``Variable`` replaced by the array it holds (what ``nnx.as_pure`` does to a state).
+
+    ``nnx.Optimizer`` initializes its transformation on the model's ``nnx.Param`` state but updates it with the plain
+    arrays, and a mask may come either way (from ``select_top`` over either form), so masks and updates are matched
+    leaf for leaf, whichever wraps its arrays.
+    """
+    return jax.tree.map(lambda x: x.get_value() if isinstance(x, nnx.Variable) else x, tree, is_leaf=_is_variable)
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
 def _as_mask(mask: PyTree, params: PyTree) -> PyTree:
-    check_mask(mask, params, "mask")
+    check_mask(_plain(mask), _plain(params), "mask")
     return jax.tree.map(jnp.asarray, mask)
 
 
 def _zero_outside(updates: PyTree, mask: PyTree, zero: float) -> PyTree:
+    """``updates`` with the entries outside ``mask`` set to ``zero``, in the tree structure of ``updates``."""
     # where, not a product: a NaN or inf outside the mask must not leak through as 0 * inf.
-    return jax.tree.map(lambda u, m: jnp.where(m, u, jnp.full_like(u, zero)), updates, mask)
+    leaves = [
+        jnp.where(m, u, jnp.full_like(u, zero))
+        for u, m in zip(jax.tree.leaves(updates), jax.tree.leaves(mask), strict=True)
+    ]
+    return jax.tree.unflatten(jax.tree.structure(updates), leaves)
 
 
 def masked_updates(mask: PyTree) -> optax.GradientTransformation:
@@ -101,7 +125,7 @@ def masked_updates(mask: PyTree) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        check_tree_matches(updates, state.mask, "updates")
+        check_tree_matches(_plain(updates), _plain(state.mask), "updates")
         return _zero_outside(updates, state.mask, -0.0), state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -152,7 +176,7 @@ def frozen_update(tx: optax.GradientTransformation) -> optax.TransformUpdateExtr
     tx = optax.with_extra_args_support(tx)
 
     def update_fn(updates, state, params=None, **extra_args):
-        check_tree_matches(updates, state.mask, "updates")
+        check_tree_matches(_plain(updates), _plain(state.mask), "updates")
         grads = _zero_outside(updates, state.mask, 0.0)
         updates, inner_state = tx.update(grads, state.inner_state, params, **extra_args)
         return _zero_outside(updates, state.mask, -0.0), FreezeState(state.mask, inner_state)

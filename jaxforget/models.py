@@ -34,6 +34,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
+
+from jaxforget.nnx_adapter import nnx_logits_fn
 
 __all__ = [
     "CNN",
@@ -267,13 +270,29 @@ def init_model(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> 
     return model.init(key, jnp.zeros(tuple(input_shape), jnp.float32), train=False)
 
 
-def logits_fn_for(model: nn.Module, batch_stats: Any = None) -> Callable[[Any, jax.Array], jax.Array]:
+def logits_fn_for(model: nn.Module | nnx.Module, batch_stats: Any = None) -> Callable[[Any, jax.Array], jax.Array]:
     """``logits_fn(params, inputs) -> [B, C]`` for ``model`` in eval mode (running batch-norm averages).
 
     Logits narrower than float32 (a model of the caller's computing in bfloat16 without casting its output) are
     promoted to float32, so that the cross-entropy and the curvature estimates are formed in float32; float32 and
     float64 logits pass through unchanged.
+
+    An NNX model (``nnx.Module``) gets :func:`jaxforget.nnx_adapter.nnx_logits_fn`'s function, which takes the
+    ``nnx.State`` of its ``nnx.Param`` s (``nnx.state(model, nnx.Param)``) and holds its own batch statistics.
+
+    Args:
+      model: a Flax linen module, or an ``nnx.Module``.
+      batch_stats: a linen model's ``batch_stats`` collection, or ``None``; must be ``None`` for an NNX model.
+
+    Returns:
+      ``logits_fn(params, inputs)``.
+
+    Raises:
+      ValueError: if ``batch_stats`` is given for an NNX model.
     """
+    if isinstance(model, nnx.Module):
+        _check_no_batch_stats(batch_stats)
+        return nnx_logits_fn(model)[0]
 
     def logits_fn(params: Any, inputs: jax.Array) -> jax.Array:
         variables = {"params": params}
@@ -285,8 +304,14 @@ def logits_fn_for(model: nn.Module, batch_stats: Any = None) -> Callable[[Any, j
     return logits_fn
 
 
-def loss_fn_for(model: nn.Module, batch_stats: Any = None) -> Callable[[Any, Batch], jax.Array]:
-    """``loss_fn(params, batch) -> scalar``: mean softmax cross-entropy of ``model`` in eval mode."""
+def loss_fn_for(model: nn.Module | nnx.Module, batch_stats: Any = None) -> Callable[[Any, Batch], jax.Array]:
+    """``loss_fn(params, batch) -> scalar``: mean softmax cross-entropy of ``model`` in eval mode.
+
+    Takes the arguments of :func:`logits_fn_for`, linen or NNX model alike.
+
+    Raises:
+      ValueError: if ``batch_stats`` is given for an NNX model.
+    """
     logits_fn = logits_fn_for(model, batch_stats)
 
     def loss_fn(params: Any, batch: Batch) -> jax.Array:
@@ -295,3 +320,11 @@ def loss_fn_for(model: nn.Module, batch_stats: Any = None) -> Callable[[Any, Bat
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     return loss_fn
+
+
+def _check_no_batch_stats(batch_stats: Any) -> None:
+    if batch_stats is not None:
+        raise ValueError(
+            "batch_stats is for linen models; an NNX model holds its own batch statistics. Pass batch_stats=None "
+            "(the model's current statistics are used)."
+        )

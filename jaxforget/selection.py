@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxforget.curvature import check_tree_matches
 
@@ -367,7 +368,10 @@ def _path_name(path: tuple) -> str:
 
 
 def _leaf_names(tree: PyTree) -> list[str]:
-    return [_path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    """The leaves' paths in ``jax.tree.leaves`` order; an NNX ``Variable`` (one leaf) is named by its own path, so an
+    ``nnx.State`` gives ``"conv/kernel"``, not ``"conv/kernel/value"``."""
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return [_path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_variable)]
 
 
 def select_layers(params: PyTree, names: str | Sequence[str]) -> PyTree:

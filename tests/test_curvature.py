@@ -149,9 +149,9 @@ def small_resnet():
 @pytest.fixture
 def layerwise_only(monkeypatch):
     """Makes the naive Gauss-Newton path raise and records each trace of the layerwise one, so that a test sees which
-    path method='auto' took. Both are private to jaxforget.curvature; if either is renamed, setattr fails."""
+    path method='auto' took. Both are private to jaxforget.curvature.ggn; if either is renamed, setattr fails."""
     traced = []
-    layerwise = curvature._layerwise_sum_of_squares
+    layerwise = curvature.ggn._layerwise_sum_of_squares
 
     def naive(*args, **kwargs):
         raise AssertionError("the Gauss-Newton estimator fell back to the naive per-example path")
@@ -160,8 +160,8 @@ def layerwise_only(monkeypatch):
         traced.append(True)
         return layerwise(*args, **kwargs)
 
-    monkeypatch.setattr(curvature, "_naive_sum_of_squares", naive)
-    monkeypatch.setattr(curvature, "_layerwise_sum_of_squares", recorded)
+    monkeypatch.setattr(curvature.ggn, "_naive_sum_of_squares", naive)
+    monkeypatch.setattr(curvature.ggn, "_layerwise_sum_of_squares", recorded)
     return traced
 
 
