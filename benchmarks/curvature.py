@@ -1,10 +1,12 @@
 """Benchmark of the diagonal curvature estimators: cost, memory and how well each one selects parameters.
 
-For each model and estimator it records the median (and the fastest) of ``--repeats`` timed jitted runs
-after a warm-up, the median in gradient-equivalents (divided by the median time of a jitted ``jax.grad``
-of the same loss), the compiled temporary memory (``memory_analysis().temp_size_in_bytes``), the relative
-error against an exact float64 diagonal and the top-k recall of that diagonal's largest (signed) entries
-at k = 0.1%, 1% and 10% of the parameters.
+A thin caller of :func:`jaxforget.compare.compare_estimators` (which ``jaxforget bench`` also runs). For each model
+and estimator it records the median (and the fastest) of ``--repeats`` timed jitted runs after a warm-up, the median
+in gradient-equivalents (divided by the median time of a jitted ``jax.grad`` of the same loss), the matrix-vector
+products per example it spends, the compiled temporary memory (``memory_analysis().temp_size_in_bytes``), the
+relative error against an exact float64 diagonal, the relative size of its per-entry standard error where it has
+one, and the top-k recall of that diagonal's largest (signed) entries at k = 0.1%, 1% and 10% of the parameters.
+The same-budget section runs every estimator at the same number of products per example (``--same-budget``).
 
 Models:
 
@@ -14,23 +16,28 @@ Models:
   GGN diagonal (``ggn_diagonal(method="naive")``), which equals the Hessian diagonal for a network that is
   piecewise linear in its parameters. BackPACK's ``DiagGGNExact`` runs beside it on the same weights and
   batch when ``torch`` and ``backpack-for-pytorch`` (the ``peers`` extra) are installed.
-- ``resnet18`` (``--resnet``, meant for a GPU): random images, no reference; Hutchinson and GGN costs only.
+- ``resnet18`` (``--resnet``, meant for a GPU): random images, at initialization, no reference; costs only.
 
 The MLP and the CNN are first trained for ``--train-steps`` Adam steps, since the paper takes the Hessian at
-the learned parameters. Estimators run in float32; the references in float64. Runs whose compiled temporary
-memory exceeds ``--memory-limit-gb`` are compiled (their memory is reported) but not run; runs slower than
-``--time-budget-s`` are timed fewer than ``--repeats`` times (each row records ``timed_runs``).
+the learned parameters (``--synthetic``: on random inputs and labels instead of the embedded data). Estimators run
+in float32; the references in float64. Runs whose compiled temporary memory exceeds ``--memory-limit-gb`` are
+compiled (their memory is reported) but not run; runs slower than ``--time-budget-s`` are timed fewer than
+``--repeats`` times (each row records ``timed_runs``).
 
 With jaxforget installed (``pip install -e .``), from the repository root::
 
     python benchmarks/curvature.py            # writes benchmarks/results/curvature-<device>.json
     python benchmarks/curvature.py --quick    # smoke check, writes curvature-<device>-quick.json
     python benchmarks/curvature.py --resnet --memory-limit-gb 100   # on a GPU
+
+``benchmarks/device_check.py`` builds its own problems from :class:`Problem`, :class:`Estimator`, ``_hutchinson``,
+``_ggn``, ``_gradient``, :func:`measure` and :func:`scored_row` (the section "For device_check.py" below).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.util
 import os
@@ -45,11 +52,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from rich.console import Console
 from rich.table import Table
 
 import jaxforget as jf
+from jaxforget import compare
 from jaxforget.atomic import write_json_atomic
 from jaxforget.timing import time_runs
 
@@ -57,13 +64,10 @@ RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 RECALL_FRACTIONS = {"recall@0.1%": 0.001, "recall@1%": 0.01, "recall@10%": 0.1}
 PROBE_COUNTS = (1, 4, 16, 64, 256)
 PROBE_BATCH_SIZE = 8
-TRAIN_BATCH_SIZE = 128
-LEARNING_RATE = 1e-3
 EXACT_BASIS_BATCH_SIZE = 256
 REFERENCE_EXAMPLE_BATCH_SIZE = 8  # bounds the float64 per-example gradients of the naive GGN reference
-
-# fn(model, params, batch_stats, batch, key) -> a diagonal (or saliency) shaped like params.
-EstimatorFn = Callable[[nn.Module, Any, Any, jf.Batch, jax.Array], Any]
+# The row names this benchmark has always written, for the registry's shorter ones.
+ROW_NAMES = {"exact": "exact_diagonal", "saliency": "gradient_saliency"}
 
 
 class Problem(NamedTuple):
@@ -77,15 +81,129 @@ class Problem(NamedTuple):
     reference: Any
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The estimators, from the library's registry.
+
+
+def estimators_for(problem: Problem, probe_counts: list[int], *, exact: bool) -> list[compare.Estimator]:
+    """The gradient (the cost unit), Hutchinson with all probes vmapped and ``PROBE_BATCH_SIZE`` at a time, the
+    Monte Carlo and exact (layerwise and naive) GGN, the empirical Fisher and |gradient|; ``exact``: also the
+    exact Hessian diagonal."""
+    loss_fn = jf.loss_fn_for(problem.model, problem.batch_stats)
+    logits_fn = jf.logits_fn_for(problem.model, problem.batch_stats)
+    named = lambda name, **settings: compare.named_estimator(  # noqa: E731
+        name, loss_fn, logits_fn=logits_fn, params=problem.params, batch=problem.batch, **settings
+    )
+    chosen = [named("gradient")]
+    if exact:
+        chosen.append(named("exact", basis_batch_size=EXACT_BASIS_BATCH_SIZE))
+    for k in probe_counts:
+        chosen += [named("hutchinson", num_probes=k, probe_batch_size=b) for b in (None, PROBE_BATCH_SIZE)]
+    chosen += [named("gnb", num_samples=1), named("gnb", num_samples=8)]
+    chosen += [named("ggn", method="layerwise"), named("ggn", method="naive"), named("fisher"), named("saliency")]
+    return [dataclasses.replace(e, name=ROW_NAMES.get(e.name, e.name)) for e in chosen]
+
+
+def comparison_row(problem: Problem, record: compare.EstimatorComparison) -> dict:
+    """A JSON row: the model, then the library's record (every recall key present, ``None`` when unscored)."""
+    fields = record.to_dict()
+    row = {
+        "model": problem.name,
+        "estimator": fields.pop("estimator"),
+        "settings": fields.pop("settings"),
+        "batch_size": int(problem.batch.inputs.shape[0]),
+        "num_params": num_params(problem.params),
+        **dict.fromkeys(RECALL_FRACTIONS),
+        **fields,
+    }
+    if row["estimator"] == "hutchinson" and row["grad_equivalents"] is not None:
+        row["settings"]["grad_equivalents_per_probe"] = row["grad_equivalents"] / row["settings"]["num_probes"]
+    return row
+
+
+def compare_problem(problem: Problem, estimators: list[compare.Estimator], args, console: Console) -> list[dict]:
+    """One row per estimator: timed in float32, scored against the problem's float64 reference."""
+    console.log(f"{problem.name}: {', '.join(e.name for e in estimators)}")
+    records = compare.compare_estimators(
+        jf.loss_fn_for(problem.model, problem.batch_stats),
+        problem.params,
+        problem.batch,
+        key=jax.random.key(args.seed),
+        logits_fn=jf.logits_fn_for(problem.model, problem.batch_stats),
+        estimators=estimators,
+        reference=problem.reference,
+        budgets=tuple(RECALL_FRACTIONS.values()),
+        repeats=args.repeats,
+        time_budget_s=args.time_budget_s,
+        memory_limit_bytes=args.memory_limit_gb * 2**30,
+    )
+    return [comparison_row(problem, r) for r in records]
+
+
+def same_budget_rows(problem: Problem, products: int, args) -> list[dict]:
+    """Every estimator at ``products`` matrix-vector products per example (:func:`compare.compare_at_budget`)."""
+    records = compare.compare_at_budget(
+        jf.loss_fn_for(problem.model, problem.batch_stats),
+        problem.params,
+        problem.batch,
+        products=products,
+        key=jax.random.key(args.seed),
+        logits_fn=jf.logits_fn_for(problem.model, problem.batch_stats),
+        reference=problem.reference,
+        budgets=tuple(RECALL_FRACTIONS.values()),
+        repeats=args.repeats,
+        time_budget_s=args.time_budget_s,
+        memory_limit_bytes=args.memory_limit_gb * 2**30,
+    )
+    return [{"budget_products": products, **comparison_row(problem, r)} for r in records]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Problems.
+
+
+def to_float64(tree):
+    """Floating-point leaves cast to float64; integer leaves (labels) kept."""
+    cast = lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    return jax.tree.map(cast, tree)
+
+
+def trained_problem(name: str, args, reference: str | None) -> Problem:
+    """``jaxforget bench``'s ``name`` problem (trained for ``--train-steps``, a batch of ``--batch-size``), with
+    the float64 ``reference`` diagonal: ``"exact"`` (the Hessian's) or ``"ggn"`` (naive, exact GGN)."""
+    bench = compare.bench_problem(
+        name, batch_size=args.batch_size, train_steps=args.train_steps, synthetic=args.synthetic, seed=args.seed
+    )
+    loss_fn = jf.loss_fn_for(bench.model, bench.batch_stats)
+    logits_fn = jf.logits_fn_for(bench.model, bench.batch_stats)
+    if reference == "exact":
+        run = lambda p, b: jf.exact_diagonal(loss_fn, p, b, basis_batch_size=EXACT_BASIS_BATCH_SIZE)  # noqa: E731
+    else:
+        run = lambda p, b: jf.ggn_diagonal(  # noqa: E731
+            logits_fn, p, b.inputs, method="naive", example_batch_size=REFERENCE_EXAMPLE_BATCH_SIZE
+        )
+    exact = jax.block_until_ready(jax.jit(run)(to_float64(bench.params), to_float64(bench.batch)))
+    return Problem(name, bench.model, bench.params, bench.batch_stats, bench.batch, exact)
+
+
+def resnet_problem(args) -> Problem:
+    """ResNet-18 at initialization on random 32x32x3 images and random labels: costs only."""
+    bench = compare.bench_problem("resnet18", batch_size=args.resnet_batch_size, train_steps=0, seed=args.seed)
+    return Problem("resnet18", bench.model, bench.params, bench.batch_stats, bench.batch, None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# For device_check.py: estimators as functions of (model, params, batch_stats, batch, key), and their rows.
+
+# fn(model, params, batch_stats, batch, key) -> a diagonal (or saliency) shaped like params.
+EstimatorFn = Callable[[nn.Module, Any, Any, jf.Batch, jax.Array], Any]
+
+
 class Estimator(NamedTuple):
     name: str
     settings: dict[str, Any]
     fn: EstimatorFn
     is_diagonal_estimate: bool = True  # False for saliencies whose scale is not that of diag(H)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Estimators, each a function of arrays only (the model is a static Python object).
 
 
 def _gradient(model, params, batch_stats, batch, key):
@@ -110,56 +228,6 @@ def _ggn(method: str, example_batch_size: int | None = None) -> EstimatorFn:
         return jf.ggn_diagonal(logits_fn, params, batch.inputs, method=method, example_batch_size=example_batch_size)
 
     return run
-
-
-def _gnb(num_samples: int) -> EstimatorFn:
-    def run(model, params, batch_stats, batch, key):
-        logits_fn = jf.logits_fn_for(model, batch_stats)
-        return jf.gnb_diagonal(logits_fn, params, batch.inputs, key, num_samples=num_samples)
-
-    return run
-
-
-def _fisher(model, params, batch_stats, batch, key):
-    del key
-    return jf.fisher_diagonal(jf.loss_fn_for(model, batch_stats), params, batch)
-
-
-def _saliency(model, params, batch_stats, batch, key):
-    del key
-    return jf.gradient_saliency(jf.loss_fn_for(model, batch_stats), params, batch)
-
-
-def _exact(model, params, batch_stats, batch, key):
-    del key
-    loss_fn = jf.loss_fn_for(model, batch_stats)
-    return jf.exact_diagonal(loss_fn, params, batch, basis_batch_size=EXACT_BASIS_BATCH_SIZE)
-
-
-def hutchinson_estimators(probe_counts: list[int]) -> list[Estimator]:
-    """Hutchinson with all probes vmapped at once and with ``PROBE_BATCH_SIZE`` probes at a time."""
-    estimators = []
-    for num_probes in probe_counts:
-        for probe_batch_size in (None, PROBE_BATCH_SIZE):
-            settings = {"num_probes": num_probes, "probe_batch_size": probe_batch_size}
-            estimators.append(Estimator("hutchinson", settings, _hutchinson(num_probes, probe_batch_size)))
-    return estimators
-
-
-def common_estimators() -> list[Estimator]:
-    """The Monte Carlo and exact Gauss-Newton diagonals and the two first-order saliencies."""
-    return [
-        Estimator("gnb", {"num_samples": 1}, _gnb(1)),
-        Estimator("gnb", {"num_samples": 8}, _gnb(8)),
-        Estimator("ggn", {"method": "layerwise"}, _ggn("layerwise")),
-        Estimator("ggn", {"method": "naive"}, _ggn("naive")),
-        Estimator("fisher", {}, _fisher),
-        Estimator("gradient_saliency", {}, _saliency, is_diagonal_estimate=False),
-    ]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Measurement.
 
 
 class Measurement(NamedTuple):
@@ -190,25 +258,13 @@ def flat(tree) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree.leaves(tree)])
 
 
-def relative_error(estimate, reference) -> float:
-    est, ref = flat(estimate), flat(reference)
-    return float(np.linalg.norm(est - ref) / np.linalg.norm(ref))
-
-
-def top_k_recall(estimate, reference, fraction: float) -> float:
-    """Fraction of the reference's k largest entries that are among the estimate's k largest (global)."""
-    est, ref = flat(estimate), flat(reference)
-    k = max(1, round(fraction * ref.size))
-    top = lambda v: np.argpartition(-v, k - 1)[:k]
-    return len(np.intersect1d(top(est), top(ref))) / k
-
-
 def quality(estimate, reference, is_diagonal_estimate: bool) -> dict[str, float | None]:
     """Relative error (for estimates of diag(H) only) and top-k recalls against ``reference``."""
     if reference is None or estimate is None:
         return {"rel_error": None, **dict.fromkeys(RECALL_FRACTIONS)}
-    error = relative_error(estimate, reference) if is_diagonal_estimate else None
-    recalls = {name: top_k_recall(estimate, reference, f) for name, f in RECALL_FRACTIONS.items()}
+    est, ref = to_float64(estimate), to_float64(reference)
+    error = float(jf.relative_error(est, ref)) if is_diagonal_estimate else None
+    recalls = {name: float(jf.top_k_recall(est, ref, f)) for name, f in RECALL_FRACTIONS.items()}
     return {"rel_error": error, **recalls}
 
 
@@ -240,75 +296,6 @@ def scored_row(problem: Problem, estimator: Estimator, result: Measurement, grad
     row["timed_runs"], row["temp_bytes"] = result.timed_runs, result.temp_bytes
     row.update(quality(result.output, reference, estimator.is_diagonal_estimate))
     return row
-
-
-def benchmark_problem(problem: Problem, estimators: list[Estimator], args, console: Console) -> list[dict]:
-    """A row for the gradient and one per estimator: timed in float32, scored against the reference."""
-    call_args = (problem.params, problem.batch_stats, problem.batch, jax.random.key(args.seed))
-    run = lambda fn: measure(fn, call_args, args.repeats, args.memory_limit_gb * 2**30, args.time_budget_s)
-    grad = run(lambda *a: _gradient(problem.model, *a))
-    grad_seconds = statistics.median(grad.seconds)
-    rows = [scored_row(problem, Estimator("gradient", {}, _gradient), grad, grad_seconds, None)]
-    for estimator in estimators:
-        console.log(f"{problem.name}: {estimator.name} {estimator.settings}")
-        result = run(lambda *a, e=estimator: e.fn(problem.model, *a))
-        rows.append(scored_row(problem, estimator, result, grad_seconds, problem.reference))
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Problems.
-
-
-def to_float64(tree):
-    """Floating-point leaves cast to float64; integer leaves (labels) kept."""
-    cast = lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
-    return jax.tree.map(cast, tree)
-
-
-def train(model: nn.Module, params, data: jf.Batch, steps: int, seed: int):
-    """``steps`` Adam steps of the mean cross-entropy on random minibatches of ``data``."""
-    optimizer = optax.adam(LEARNING_RATE)
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        grads = jax.grad(jf.loss_fn_for(model))(params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state)
-        return optax.apply_updates(params, updates), opt_state
-
-    rng = np.random.default_rng(seed)
-    opt_state = optimizer.init(params)
-    for _ in range(steps):
-        index = rng.choice(len(data.labels), TRAIN_BATCH_SIZE, replace=False)
-        params, opt_state = step(params, opt_state, jf.Batch(data.inputs[index], data.labels[index]))
-    return params
-
-
-def trained_problem(name: str, model: nn.Module, dataset: str, args, reference: EstimatorFn) -> Problem:
-    """``model`` trained on ``dataset``, a curvature batch of ``--batch-size`` examples and the float64
-    ``reference`` diagonal on it."""
-    data = jf.embedded_dataset(dataset)
-    params = jf.init_model(model, jax.random.key(args.seed), (1, *data.inputs.shape[1:]))["params"]
-    params = train(model, params, data, args.train_steps, args.seed)
-    index = np.random.default_rng(args.seed + 1).permutation(len(data.labels))[: args.batch_size]
-    batch = jf.Batch(jnp.asarray(data.inputs[index]), jnp.asarray(data.labels[index]))
-    run = lambda p, b: reference(model, p, None, b, None)
-    # Blocks, so that the reference's compute does not land in the first timed run (dispatch is asynchronous).
-    exact = jax.block_until_ready(jax.jit(run)(to_float64(params), to_float64(batch)))
-    return Problem(name, model, params, None, batch, exact)
-
-
-def resnet_problem(args) -> Problem:
-    """ResNet-18 at initialization on random normal 32x32x3 images and random labels."""
-    model = jf.ResNet18()
-    image_key, label_key, init_key = jax.random.split(jax.random.key(args.seed), 3)
-    shape = (args.resnet_batch_size, 32, 32, 3)
-    variables = jf.init_model(model, init_key, shape)
-    batch = jf.Batch(
-        jax.random.normal(image_key, shape, jnp.float32),
-        jax.random.randint(label_key, (shape[0],), 0, 10, jnp.int32),
-    )
-    return Problem("resnet18", model, variables["params"], variables["batch_stats"], batch, None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -369,9 +356,10 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_table(rows: list[dict], checks: dict, console: Console) -> None:
-    table = Table(title=f"Diagonal curvature estimators ({jax.devices()[0].platform})")
-    for column in ("model", "estimator", "settings", "B", "ms", "min ms", "runs", "grad-eq", "temp MB", "rel err"):
+def print_table(rows: list[dict], checks: dict, console: Console, title: str = "") -> None:
+    table = Table(title=title or f"Diagonal curvature estimators ({jax.devices()[0].platform})")
+    columns = ("model", "estimator", "settings", "B", "products", "ms", "min ms", "runs", "grad-eq", "temp MB")
+    for column in (*columns, "rel err", "stderr"):
         table.add_column(column, justify="left" if column in ("model", "estimator", "settings") else "right")
     for name in RECALL_FRACTIONS:
         table.add_column(name.removeprefix("recall"), justify="right")
@@ -381,12 +369,14 @@ def print_table(rows: list[dict], checks: dict, console: Console) -> None:
             row["estimator"],
             settings_text(row["settings"]),
             str(row["batch_size"]),
+            _fmt(row.get("products"), "d"),
             _fmt(row["time_ms"], ".1f"),
             _fmt(row["min_time_ms"], ".1f"),
             str(row["timed_runs"]),
             _fmt(row["grad_equivalents"], ".1f"),
             _fmt(None if row["temp_bytes"] is None else row["temp_bytes"] / 2**20, ".1f"),
             _fmt(row["rel_error"], ".3g"),
+            _fmt(row.get("stderr_rel"), ".3g"),
             *(_fmt(row[name], ".2f") for name in RECALL_FRACTIONS),
         )
     console.print(table)
@@ -400,19 +390,28 @@ def print_table(rows: list[dict], checks: dict, console: Console) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=64, help="curvature batch of the MLP and the CNN")
-    parser.add_argument("--max-probes", type=int, default=PROBE_COUNTS[-1], help="cap on Hutchinson probes")
+    parser.add_argument("--max-probes", type=int, default=16, help="cap on Hutchinson probes (1, 4, 16, 64, 256)")
+    parser.add_argument("--same-budget", default="1,10", help="products per example for the same-budget rows")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per estimator, after one warm-up")
     parser.add_argument("--train-steps", type=int, default=300, help="Adam steps first (0: at init)")
     parser.add_argument("--time-budget-s", type=float, default=60.0, help="cap on timed runs' total per estimator")
     parser.add_argument("--memory-limit-gb", type=float, default=8.0, help="skip runs needing more temp memory")
     parser.add_argument("--resnet", action="store_true", help="add ResNet-18 costs (meant for a GPU)")
     parser.add_argument("--resnet-batch-size", type=int, default=128)
+    parser.add_argument("--synthetic", action="store_true", help="random inputs and labels instead of the data sets")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="the JSON file (default: see above)")
     parser.add_argument("--quick", action="store_true", help="smoke check; its timings mean nothing")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.max_probes, args.repeats, args.train_steps = 8, 4, 2, 5
         args.resnet_batch_size = 8
+    try:
+        args.same_budget = [int(m) for m in args.same_budget.split(",") if m.strip()]
+    except ValueError:
+        parser.error(f"--same-budget {args.same_budget!r}: comma-separated integers, e.g. 1,10")
+    if any(m < 1 for m in args.same_budget) or args.repeats < 1 or args.batch_size < 1:
+        parser.error("--same-budget entries, --repeats and --batch-size must be at least 1")
     return args
 
 
@@ -435,21 +434,24 @@ def main(argv: list[str] | None = None) -> None:
         disable_backend_optimizations()
     jax.config.update("jax_enable_x64", True)  # for the references; every estimator still runs in float32
     # Wide enough for the table when the output goes to a file or a pipe.
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = Console(width=None if sys.stdout.isatty() else 180)
     device = jax.devices()[0].platform
     probe_counts = [k for k in PROBE_COUNTS if k <= args.max_probes]
+    out = args.out or RESULTS_DIR / f"curvature-{device}{'-quick' if args.quick else ''}.json"
 
     console.log("training the MLP and computing its exact Hessian diagonal")
-    mlp = trained_problem("mlp", jf.MLP(hidden=(50,), activation="tanh"), "digits", args, _exact)
+    mlp = trained_problem("mlp", args, "exact")
     console.log("training the CNN and computing its exact GGN (= Hessian) diagonal")
-    cnn_reference = _ggn("naive", example_batch_size=REFERENCE_EXAMPLE_BATCH_SIZE)
-    cnn = trained_problem("cnn", jf.CNN(), "mnist5k", args, cnn_reference)
+    cnn = trained_problem("cnn", args, "ggn")
 
-    exact = Estimator("exact_diagonal", {"basis_batch_size": EXACT_BASIS_BATCH_SIZE}, _exact)
-    hutchinson = hutchinson_estimators(probe_counts)
-    rows = benchmark_problem(mlp, [exact, *hutchinson, *common_estimators()], args, console)
-    cnn_rows = benchmark_problem(cnn, [*hutchinson, *common_estimators()], args, console)
+    rows = compare_problem(mlp, estimators_for(mlp, probe_counts, exact=True), args, console)
+    cnn_rows = compare_problem(cnn, estimators_for(cnn, probe_counts, exact=False), args, console)
     rows += cnn_rows
+    same_budget = []
+    for problem in (mlp, cnn):
+        for products in args.same_budget:
+            console.log(f"{problem.name}: every estimator at {products} products per example")
+            same_budget += same_budget_rows(problem, products, args)
     checks = layerwise_check(cnn)
     if importlib.util.find_spec("torch") and importlib.util.find_spec("backpack"):
         console.log("cnn: BackPACK DiagGGNExact")
@@ -460,14 +462,14 @@ def main(argv: list[str] | None = None) -> None:
         console.log("torch or backpack-for-pytorch is not installed: no BackPACK comparison")
     if args.resnet:
         resnet = resnet_problem(args)
-        resnet_estimators = [
-            *hutchinson,
-            Estimator("ggn", {"method": "layerwise"}, _ggn("layerwise")),
-            Estimator("gnb", {"num_samples": 1}, _gnb(1)),
-        ]
-        rows += benchmark_problem(resnet, resnet_estimators, args, console)
+        chosen = [e for e in estimators_for(resnet, probe_counts, exact=False)
+                  if e.name == "gradient" or (e.name == "hutchinson" and e.settings["probe_batch_size"] is None)
+                  or (e.name == "ggn" and e.settings["method"] == "layerwise")
+                  or (e.name == "gnb" and e.settings["num_samples"] == 1)]  # fmt: skip
+        rows += compare_problem(resnet, chosen, args, console)
 
     print_table(rows, checks, console)
+    print_table(same_budget, {}, console, title="The same budget: products per example held equal")
     payload = {
         "metadata": {
             "device": device,
@@ -477,14 +479,14 @@ def main(argv: list[str] | None = None) -> None:
             "jax_version": jax.__version__,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": shlex.join(["python", *sys.argv]),
-            "args": vars(args),
+            "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
             "checks": checks,
         },
         "rows": rows,
+        "same_budget_rows": same_budget,
     }
-    path = RESULTS_DIR / f"curvature-{device}{'-quick' if args.quick else ''}.json"
-    write_json_atomic(path, payload)
-    console.log(f"wrote {path}")
+    write_json_atomic(out, payload)
+    console.log(f"wrote {out}")
 
 
 if __name__ == "__main__":

