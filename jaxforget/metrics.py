@@ -40,7 +40,13 @@ def _flat(tree: Any) -> jax.Array:
 def top_k_recall(estimate: Any, reference: Any, fraction: float) -> jax.Array:
     """Fraction of the reference's top-k entries (largest values, global over the tree) that the estimate's top-k
     also contains, with k = max(1, round(fraction * n)). 1.0 is a perfect selection; a random one scores about
-    ``fraction``."""
+    ``fraction``.
+
+    Args:
+      estimate: a pytree of scores, e.g. a curvature estimate.
+      reference: a pytree of the same shapes, e.g. the exact diagonal.
+      fraction: the share of entries in each top-k, in (0, 1].
+    """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction={fraction} must lie in (0, 1], e.g. 0.01 for the top 1%.")
     est, ref = _flat(estimate), _flat(reference)
@@ -52,7 +58,12 @@ def top_k_recall(estimate: Any, reference: Any, fraction: float) -> jax.Array:
 
 
 def relative_error(estimate: Any, reference: Any) -> jax.Array:
-    """||estimate - reference|| / ||reference|| over all entries of the two trees."""
+    """||estimate - reference|| / ||reference|| over all entries of the two trees.
+
+    Args:
+      estimate: a pytree of arrays.
+      reference: a pytree of the same shapes.
+    """
     est, ref = _flat(estimate), _flat(reference)
     return jnp.linalg.norm(est - ref) / jnp.linalg.norm(ref)
 

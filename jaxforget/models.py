@@ -51,7 +51,12 @@ __all__ = [
 
 
 class Batch(NamedTuple):
-    """A supervised batch: ``inputs`` [B, ...] and integer ``labels`` [B]."""
+    """A supervised batch: ``inputs`` [B, ...] and integer ``labels`` [B].
+
+    Attributes:
+      inputs: [B, ...] model inputs (images, or token ids [B, T]).
+      labels: [B] integer labels (or [B, T] next-token targets).
+    """
 
     inputs: jax.Array
     labels: jax.Array
@@ -88,6 +93,13 @@ class CNN(nn.Module):
     ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``; ``None``, the default, computes in the inputs' and
     parameters' dtype): parameters stay float32 and the logits [B, num_classes] come back at least float32 (see the
     module docstring).
+
+    Attributes:
+      num_classes: the number of logits.
+      features: the output channels of the two convolutions.
+      hidden: the width of the first dense layer.
+      use_batch_norm: insert batch norm after each convolution.
+      dtype: the compute dtype, or ``None`` for the inputs' and parameters' dtype.
     """
 
     num_classes: int = 10
@@ -114,6 +126,12 @@ class MLP(nn.Module):
 
     ``dtype`` is the compute dtype (``None``, the default, computes in the inputs' and parameters' dtype); parameters
     stay float32 and the logits [B, num_classes] come back at least float32 (see the module docstring).
+
+    Attributes:
+      num_classes: the number of logits.
+      hidden: the widths of the hidden layers.
+      activation: ``"tanh"`` or ``"relu"``.
+      dtype: the compute dtype, or ``None`` for the inputs' and parameters' dtype.
     """
 
     num_classes: int = 10
@@ -158,6 +176,12 @@ class ResNet18(nn.Module):
     stay float32, batch norm keeps float32 running statistics and normalizes in float32 (Flax's ``BatchNorm``
     promotes to float32 before casting its output to ``dtype``), and the logits [B, num_classes] come back at least
     float32 (see the module docstring).
+
+    Attributes:
+      num_classes: the number of logits.
+      width: the channels of the first stage (doubled at each later stage).
+      stage_sizes: residual blocks per stage.
+      dtype: the compute dtype, or ``None`` for the inputs' and parameters' dtype.
     """
 
     num_classes: int = 10
@@ -218,6 +242,15 @@ class TransformerLM(nn.Module):
 
         state = create_train_state(TransformerLM(vocab_size=64), jax.random.key(0), (1, 32), optax.adam(1e-3))
         state, metrics = jax.jit(train_step)(state, Batch(text[:, :-1], text[:, 1:]))
+
+    Attributes:
+      vocab_size: the number of token ids, and of logits per position.
+      max_length: the longest sequence (the number of learned positions).
+      features: the embedding width.
+      heads: attention heads per block.
+      layers: the number of Transformer blocks.
+      mlp_ratio: the MLP's width as a multiple of ``features``.
+      dtype: the compute dtype, or ``None`` for the parameters' dtype.
     """
 
     vocab_size: int
@@ -266,7 +299,13 @@ class TransformerLM(nn.Module):
 
 
 def init_model(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> dict[str, Any]:
-    """Initialize ``model`` on a dummy batch of shape ``input_shape`` ([B, ...]); returns its variables."""
+    """Initialize ``model`` on a dummy batch of shape ``input_shape`` ([B, ...]); returns its variables.
+
+    Args:
+      model: a Flax linen module.
+      key: PRNG key for the initialization.
+      input_shape: the dummy batch's shape, [B, ...].
+    """
     return model.init(key, jnp.zeros(tuple(input_shape), jnp.float32), train=False)
 
 
@@ -308,6 +347,10 @@ def loss_fn_for(model: nn.Module | nnx.Module, batch_stats: Any = None) -> Calla
     """``loss_fn(params, batch) -> scalar``: mean softmax cross-entropy of ``model`` in eval mode.
 
     Takes the arguments of :func:`logits_fn_for`, linen or NNX model alike.
+
+    Args:
+      model: a Flax linen module, or an ``nnx.Module`` (as for :func:`logits_fn_for`).
+      batch_stats: a linen model's ``batch_stats`` collection, or ``None``; must be ``None`` for an NNX model.
 
     Raises:
       ValueError: if ``batch_stats`` is given for an NNX model.

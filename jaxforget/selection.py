@@ -454,6 +454,11 @@ def last_layer(logits_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTr
     """The path of the model's last layer (the last of :func:`layers_in_call_order`), e.g. ``"Dense_1"`` for
     :class:`jaxforget.models.CNN`. Pass it to :func:`select_layers`.
 
+    Args:
+      logits_fn: ``logits_fn(params, inputs) -> [B, C]`` of a Flax model.
+      params: its parameters.
+      inputs: a batch to trace ``logits_fn`` on (only shapes matter).
+
     Raises:
       ValueError: if no Flax submodule holding parameters runs inside ``logits_fn``.
     """
@@ -489,6 +494,9 @@ def last_layers_holding(params: PyTree, layers: Sequence[str], count: int) -> li
 
 def mask_summary(mask: PyTree) -> dict[str, Any]:
     """Per-leaf and total counts of a mask, as plain Python numbers for reports and plots (reads it on the host).
+
+    Args:
+      mask: a boolean pytree, e.g. from :func:`select_top`.
 
     Returns:
       ``{"selected": int, "total": int, "fraction": float, "layers": {path: {"selected", "total", "fraction"}}}``

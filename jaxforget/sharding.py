@@ -53,10 +53,14 @@ __all__ = [
 PyTree = Any
 
 DATA_AXIS = "data"  # the mesh axis that splits examples (and, FSDP-style, parameters)
+"""The mesh axis that splits examples (and, FSDP-style, parameters)."""
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh over ``devices`` (default: all of ``jax.devices()``) with the one axis ``"data"``.
+
+    Args:
+      devices: the devices, in mesh order; ``None`` takes all of ``jax.devices()``.
 
     Raises:
       ValueError: if ``devices`` is empty.
@@ -69,6 +73,10 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 def usable_devices(count: int, size: int) -> int:
     """The largest number of devices, at most ``count``, that splits ``size`` examples evenly (a divisor of ``size``).
+
+    Args:
+      count: the most devices to use, at least 1.
+      size: the number of examples to split.
 
     >>> usable_devices(8, 100)
     5
@@ -119,7 +127,12 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Places a whole copy of every leaf of ``tree`` on every device of ``mesh`` (``PartitionSpec()``)."""
+    """Places a whole copy of every leaf of ``tree`` on every device of ``mesh`` (``PartitionSpec()``).
+
+    Args:
+      tree: a pytree of arrays.
+      mesh: the mesh to copy them to.
+    """
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
@@ -163,5 +176,9 @@ def shard_params(params: PyTree, mesh: Mesh) -> PyTree:
 
     Jitted functions of split parameters keep elementwise results split alike; a forward pass gathers each layer's
     weights as it needs them (which XLA schedules), so memory per device for parameter-sized arrays is about ``1/D``.
+
+    Args:
+      params: a pytree of arrays shaped like the parameters.
+      mesh: a mesh with an axis ``"data"`` (see :func:`data_mesh`).
     """
     return jax.device_put(params, params_sharding(params, mesh))

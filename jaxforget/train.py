@@ -32,7 +32,11 @@ PyTree = Any
 
 
 class TrainState(train_state.TrainState):
-    """``flax.training.train_state.TrainState`` plus ``batch_stats`` (``None`` for a model without batch norm)."""
+    """``flax.training.train_state.TrainState`` plus ``batch_stats`` (``None`` for a model without batch norm).
+
+    Attributes:
+      batch_stats: the model's batch-norm running statistics, or ``None``.
+    """
 
     batch_stats: PyTree = None
 
@@ -51,6 +55,12 @@ def create_train_state(
 
     Initialization is a pure function of ``key``; jit it (``jax.jit(create_train_state, static_argnums=(0, 2, 3))``)
     for large models, where eager initialization dispatches op by op.
+
+    Args:
+      model: a Flax linen module.
+      key: PRNG key for the initialization.
+      input_shape: the dummy batch's shape, [B, ...].
+      tx: the optimizer.
     """
     if len(input_shape) < 2:
         raise ValueError(f"input_shape={tuple(input_shape)} must be [batch, ...] with at least two axes.")
@@ -73,6 +83,10 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
 
     Batch norm normalizes with the batch's statistics and updates its running averages.
 
+    Args:
+      state: the current state.
+      batch: a ``Batch`` of inputs and integer labels.
+
     Returns:
       ``(state, metrics)`` with ``metrics = {"loss", "accuracy"}`` on the batch, before the step.
     """
@@ -92,13 +106,23 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
 
 
 def predict_logits(state: TrainState, inputs: jax.Array) -> jax.Array:
-    """Logits [B, C] in eval mode (batch norm with its running averages)."""
+    """Logits [B, C] in eval mode (batch norm with its running averages).
+
+    Args:
+      state: the state whose model runs.
+      inputs: [B, ...] inputs.
+    """
     return state.apply_fn(state.variables(), inputs, train=False)
 
 
 def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     """Sums over ``batch`` in eval mode: ``{"loss_sum", "correct", "count"}``, to be added across batches. ``count``
-    is the number of predictions: one per sample, or one per token for a language model's [B, T] labels."""
+    is the number of predictions: one per sample, or one per token for a language model's [B, T] labels.
+
+    Args:
+      state: the state to evaluate.
+      batch: a ``Batch`` of inputs and integer labels ([B] or [B, T]).
+    """
     logits = predict_logits(state, batch.inputs)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
     return {
@@ -172,6 +196,12 @@ def evaluate(
     """Accuracy and mean loss of ``state`` on ``data``, in batches, with ``eval_fn`` a jitted :func:`eval_step`.
 
     Every sample counts once (the last batch may be smaller, which compiles ``eval_fn`` a second time).
+
+    Args:
+      state: the state to evaluate.
+      data: a ``Batch`` holding the whole evaluation set.
+      eval_fn: a jitted :func:`eval_step`, or a function with its signature.
+      batch_size: rows per evaluation batch.
 
     Returns:
       ``{"accuracy", "loss", "count"}``.

@@ -174,6 +174,9 @@ def stack_batches(batches: Sequence[PyTree]) -> PyTree:
     """Stacks equal-sized batches into one pytree with a leading axis of batches, [K, B, ...] per leaf.
 
     This is the ``hessian_batches`` format of :func:`second_order_update`.
+
+    Args:
+      batches: a sequence of K pytrees with the same structure and leaf shapes.
     """
     batches = list(batches)
     if not batches:
@@ -583,6 +586,14 @@ def finetune_step(
     ``state`` is a :class:`jaxforget.train.TrainState`; its batch-norm running averages are used and never updated,
     so only the parameters the optimizer moves change (with :func:`jaxforget.freeze_unselected`, the selected ones).
     The weights are Python floats: bind them with ``functools.partial`` before jitting.
+
+    Args:
+      state: the current state.
+      new_batch: a batch of Z~.
+      retain_batch: a batch of retained training data, or ``None``.
+      old_batch: a batch of Z as trained on, for the ascent term, or ``None``.
+      retain_weight: the weight of the retained-data loss.
+      ascent_weight: the weight of the ascent term on Z (0 disables it).
 
     Returns:
       ``(state, metrics)`` with the ``loss`` and the ``new_loss`` on Z~ before the step.

@@ -155,6 +155,15 @@ def hutchinson_diagonal_with_stderr(
 
     Takes the same arguments; ``num_probes`` must be at least 2. Returns ``(mean, stderr)``, both shaped like
     ``params``; ``mean`` equals :func:`hutchinson_diagonal` for the same key.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, a mean over the batch.
+      params: parameters, any pytree.
+      batch: the data the Hessian is taken on.
+      key: PRNG key; probe ``i`` comes from ``jax.random.split(key, num_probes)[i]``, as in :func:`hutchinson_diagonal`.
+      num_probes: number of probes, at least 2 (static).
+      probe_batch_size: probes evaluated at a time (static); ``None`` vmaps all at once.
+      distribution: ``"rademacher"`` or ``"gaussian"`` (static).
     """
     _check_hutchinson_args(loss_fn, params, batch, num_probes, probe_batch_size, distribution, minimum=2)
     total, total_sq = _hutchinson_moments(loss_fn, params, batch, key, num_probes, probe_batch_size, distribution)
@@ -263,6 +272,15 @@ def gnb_diagonal(
     cross-entropy, ``sum_t J_t^T (p_t - e_{y_t})``, is squared. The cross terms between positions have mean zero, so
     the estimate stays unbiased for the exact diagonal. Cost: ``num_samples`` vector-Jacobian products per example
     (about ``num_samples`` gradients of the loss), independent of T and V, against T * V for :func:`ggn_diagonal`.
+
+    Args:
+      logits_fn: ``logits_fn(params, inputs) -> [B, C]``, or ``[B, T, V]`` for sequences.
+      params: parameters, any pytree.
+      inputs: [B, ...] inputs.
+      key: PRNG key that draws the labels; example ``n`` uses ``jax.random.split(key, B)[n]``.
+      num_samples: sampled labels (label sequences, for [B, T, V] logits) per example (static).
+      example_batch_size: examples processed at once (static); bounds memory. ``None`` takes all at once.
+      method: ``"auto"``, ``"layerwise"`` or ``"naive"``, as in :func:`ggn_diagonal` (static).
 
     References:
       Wei, Zhang, Li et al., "Sophia: A scalable stochastic second-order optimizer", 2023 (the GNB estimator).
@@ -424,7 +442,13 @@ def fisher_diagonal(loss_fn: LossFn, params: PyTree, batch: PyTree, *, example_b
 
 
 def gradient_saliency(loss_fn: LossFn, params: PyTree, batch: PyTree) -> PyTree:
-    """|gradient| of ``loss_fn`` at ``params``: the SalUn weight saliency (Fan et al., 2023), shaped like params."""
+    """|gradient| of ``loss_fn`` at ``params``: the SalUn weight saliency (Fan et al., 2023), shaped like params.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: parameters, any pytree.
+      batch: the data the gradient is taken on (for SalUn, the group to forget).
+    """
     _check_scalar_loss(loss_fn, params, batch)
     return jax.tree.map(jnp.abs, jax.grad(loss_fn)(params, batch))
 
