@@ -225,3 +225,24 @@ def test_examples_run(path, tmp_path):
         timeout=EXAMPLE_TIMEOUT_S,
     )
     assert result.returncode == 0, f"{path.name}'s examples failed:\n{result.stderr[-4000:]}"
+
+
+def _modules_with_examples() -> list[str]:
+    package = Path(jf.__file__).parent
+    return sorted(
+        ".".join(path.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__")
+        for path in package.rglob("*.py")
+        if ">>>" in path.read_text(encoding="utf-8")
+    )
+
+
+@pytest.mark.parametrize("module", _modules_with_examples())
+def test_docstring_examples_run(module, cli_numerics):
+    """The ``>>>`` examples the reference pages show, run as doctests in their module's namespace, with a user's
+    numerics (float32, default keys; the rest of the suite runs in float64)."""
+    import doctest
+
+    result = doctest.testmod(
+        importlib.import_module(module), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    )
+    assert result.attempted > 0 and result.failed == 0, f"{result.failed} of {result.attempted} examples failed"
