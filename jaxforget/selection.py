@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.extend.core import Literal
 
 from jaxforget.curvature import check_tree_matches
 
@@ -414,18 +415,21 @@ def layers_in_call_order(
     (a module called several times is placed at its last call), e.g. ``["Conv_0", "Conv_1", "Dense_0", "Dense_1"]``
     for :class:`jaxforget.models.CNN`.
 
-    It traces ``logits_fn(params, inputs)`` with ``jax.eval_shape`` (no compute). Call order, not the order of the
-    keys in ``params``, decides: ``jax.tree.map`` and checkpoint restores sort dict keys, so ``"Dense_10"`` would
-    come before ``"Dense_2"``.
+    It traces ``logits_fn(params, inputs)`` (no compute). Call order, not the order of the keys in ``params``,
+    decides: ``jax.tree.map`` and checkpoint restores sort dict keys, so ``"Dense_10"`` would come before
+    ``"Dense_2"``. For a Flax linen model the calls of its submodules are recorded. For any other ``logits_fn`` (an
+    NNX model through :func:`jaxforget.nnx_logits_fn`, a plain function of a dict) a layer is the parent path of its
+    parameter leaves (``"convs/0"`` for ``"convs/0/kernel"``), placed where the traced program last reads one of
+    them.
 
     Args:
-      logits_fn: ``logits_fn(params, inputs) -> [B, C]`` built on a Flax linen model (e.g.
-        :func:`jaxforget.models.logits_fn_for`).
-      params: the parameter pytree.
+      logits_fn: ``logits_fn(params, inputs) -> [B, C]``, e.g. :func:`jaxforget.models.logits_fn_for` of a linen
+        model or :func:`jaxforget.nnx_logits_fn` of an NNX one.
+      params: the parameter pytree (an ``nnx.State`` for NNX).
       inputs: a batch of inputs, or a ``jax.ShapeDtypeStruct`` of one.
 
     Raises:
-      ValueError: if no Flax submodule holding parameters runs inside ``logits_fn``.
+      ValueError: if ``logits_fn`` reads none of ``params``.
     """
     finished: list[str] = []
 
@@ -442,12 +446,24 @@ def layers_in_call_order(
 
     jax.eval_shape(run, params, inputs)
     if not finished:
+        finished = _layers_by_last_read(logits_fn, params, inputs)
+    if not finished:
         raise ValueError(
-            "logits_fn ran no Flax submodule that holds parameters; name the layer yourself for select_layers, "
-            f"one of {_leaf_names(params)}."
+            f"logits_fn reads none of params; name the layer yourself for select_layers, one of {_leaf_names(params)}."
         )
     last_call = {name: i for i, name in enumerate(finished)}
     return sorted(last_call, key=last_call.__getitem__)
+
+
+def _layers_by_last_read(
+    logits_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree, inputs: jax.Array
+) -> list[str]:
+    """Parent paths of the parameter leaves, each listed at every equation of the traced program that reads one of
+    its leaves (so the last listing is its last read); empty if the program reads none."""
+    jaxpr = jax.make_jaxpr(logits_fn)(params, inputs).jaxpr
+    layers = [name.rpartition("/")[0] or name for name in _leaf_names(params)]
+    layer_of = dict(zip(jaxpr.invars[: len(layers)], layers, strict=True))  # params come first among the inputs
+    return [layer_of[v] for eqn in jaxpr.eqns for v in eqn.invars if not isinstance(v, Literal) and v in layer_of]
 
 
 def last_layer(logits_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree, inputs: jax.Array) -> str:

@@ -394,3 +394,16 @@ def test_unlearning_an_nnx_cnn_end_to_end_changes_only_the_selected_entries():
     end = _flat(nnx.state(model, nnx.Param))
     np.testing.assert_array_equal(start[~selected].view(np.uint32), end[~selected].view(np.uint32))
     assert np.any(start[selected] != end[selected])
+
+
+def test_the_last_layer_of_an_nnx_cnn_is_its_head_as_for_the_linen_cnn(twin_cnns):
+    linen, variables, model, batch = twin_cnns
+    logits_fn, params = nnx_logits_fn(model)
+    order = jf.layers_in_call_order(logits_fn, params, batch.inputs)
+    linen_order = jf.layers_in_call_order(
+        jf.logits_fn_for(linen, variables["batch_stats"]), variables["params"], batch.inputs
+    )
+    assert len(order) == len(linen_order) and order[-2:] == ["hidden", "head"]  # call order, not the keys' order
+    mask = jf.select_layers(params, jf.last_layer(logits_fn, params, batch.inputs))
+    selected = {name: layer["selected"] for name, layer in jf.mask_summary(mask)["layers"].items() if layer["selected"]}
+    assert selected == {"head/bias": 10, "head/kernel": 5 * 10}

@@ -253,9 +253,15 @@ def test_layers_in_call_order_and_the_last_layers_that_hold_a_budget():
         last_layers_holding(params, layers, 0)
 
 
-def test_last_layer_needs_a_flax_model():
-    with pytest.raises(ValueError, match="no Flax submodule"):
-        last_layer(lambda p, x: x @ p["w"], {"w": np.zeros((3, 2))}, np.zeros((1, 3)))
+def test_without_a_linen_model_the_layers_are_ordered_by_their_last_read():
+    # A plain function of a dict: a layer is the parent path of its leaves, placed where the program last reads it.
+    # The dict's keys sort "head" before "trunk"; the program reads the trunk first.
+    params = {"head": {"w": np.ones((4, 2)), "b": np.zeros(2)}, "trunk": {"w": np.ones((3, 4))}}
+    logits_fn = lambda p, x: jnp.tanh(x @ p["trunk"]["w"]) @ p["head"]["w"] + p["head"]["b"]  # noqa: E731
+    assert layers_in_call_order(logits_fn, params, np.zeros((1, 3))) == ["trunk", "head"]
+    assert last_layer(logits_fn, params, np.zeros((1, 3))) == "head"
+    with pytest.raises(ValueError, match="reads none of params"):
+        last_layer(lambda p, x: x * 2.0, {"w": np.zeros((3, 2))}, np.zeros((1, 3)))
 
 
 def test_mask_summary_counts_per_leaf_and_in_total():
