@@ -764,7 +764,7 @@ _LABELS = {
 def plot_noise_sources(
     result: NoiseSourcesResult | Mapping[str, Any], path: str | pathlib.Path, *, budget: float = 0.01, title: str = ""
 ) -> pathlib.Path:
-    """Plots top-k recall against cost for each strategy of :func:`compare_noise_sources` (matplotlib, Agg).
+    """Plots top-k recall against cost for each strategy of :func:`compare_noise_sources` (matplotlib, without pyplot).
 
     Args:
       result: a :class:`NoiseSourcesResult` or its :meth:`~NoiseSourcesResult.to_dict`.
@@ -778,16 +778,14 @@ def plot_noise_sources(
     Raises:
       ValueError: when ``budget`` is not among the result's budgets.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
 
     record = result.to_dict() if isinstance(result, NoiseSourcesResult) else dict(result)
     if budget not in tuple(record["budgets"]):
         raise ValueError(f"budget={budget} is not among the result's budgets {tuple(record['budgets'])}.")
     column = _recall_key(budget)
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.subplots()
     for (strategy, name), label in _LABELS.items():
         points = sorted((p for p in record["points"] if (p["strategy"], p["estimator"]) == (strategy, name)),
                         key=lambda p: p["cost"])  # fmt: skip
@@ -809,7 +807,6 @@ def plot_noise_sources(
     path = pathlib.Path(path)
     with open_atomic(path, "wb") as stream:
         figure.savefig(stream, format=path.suffix.lstrip(".") or "png", dpi=120)
-    plt.close(figure)
     return path
 
 

@@ -511,9 +511,7 @@ def paired_markdown(comparisons: Sequence[Mapping[str, Any]]) -> str:
 def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str) -> pathlib.Path:
     """Four scores per selection rule, one group of bars per update, the baselines as lines; written atomically."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
 
     methods = [r for r in rows if r["update"] is not None]
     updates = list(dict.fromkeys(r["update"] for r in methods))
@@ -540,11 +538,12 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, tit
             ("test_accuracy", "test accuracy"),
         )
     )
-    figure, axes = plt.subplots(2, 2, figsize=(14, 8.5))
+    figure = Figure(figsize=(14, 8.5))
+    axes = figure.subplots(2, 2)
     axes = axes.ravel()
     width = 0.8 / max(1, len(selections))
     palette = "tab10" if len(selections) <= 10 else "tab20"  # one distinct color per selection rule
-    colors = plt.get_cmap(palette)
+    colors = matplotlib.colormaps[palette]
     for ax, (key, label) in zip(axes, panels, strict=True):
         shown = []
         for j, selection_name in enumerate(selections):
@@ -575,11 +574,8 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, tit
     figure.suptitle(title, fontsize=10)
     figure.tight_layout(rect=(0, 0.07, 1, 1))
     path = pathlib.Path(path)
-    try:
-        with open_atomic(path, "wb") as stream:
-            figure.savefig(stream, format="png", dpi=110)
-    finally:
-        plt.close(figure)
+    with open_atomic(path, "wb") as stream:
+        figure.savefig(stream, format="png", dpi=110)
     return path
 
 
