@@ -30,6 +30,8 @@ import numpy as np
 
 from jaxforget.atomic import open_atomic
 from jaxforget.curvature import (
+    _check_positive,
+    check_tree_matches,
     exact_diagonal,
     fisher_diagonal,
     ggn_diagonal,
@@ -182,12 +184,6 @@ def _check_budgets(budgets: Sequence[float]) -> tuple[float, ...]:
     return tuple(float(b) for b in budgets)
 
 
-def _check_count(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r} must be an integer of at least 1.")
-    return value
-
-
 def _inputs(batch: PyTree) -> jax.Array:
     """The inputs of a ``(inputs, labels)`` batch such as :class:`jaxforget.models.Batch`."""
     if not isinstance(batch, (tuple, list)) or len(batch) < 1:
@@ -208,13 +204,6 @@ def _num_classes(logits_fn: LogitsFn, params: PyTree, batch: PyTree) -> int:
 
 def _num_params(params: PyTree) -> int:
     return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
-
-
-def _check_tree(tree: PyTree, params: PyTree, name: str) -> None:
-    ours, theirs = jax.tree.structure(tree), jax.tree.structure(params)
-    shapes = [np.shape(x) for x in jax.tree.leaves(tree)]
-    if ours != theirs or shapes != [np.shape(x) for x in jax.tree.leaves(params)]:
-        raise ValueError(f"{name} must be a pytree shaped like params (same structure and leaf shapes).")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,7 +280,7 @@ def named_estimator(
         raise ValueError(f"estimators: {name!r} needs logits_fn (logits_fn(params, inputs) -> [B, C] logits).")
     for key in ("num_probes", "num_samples"):
         if key in settings:
-            _check_count(settings[key], key)
+            _check_positive(settings[key], key)
     if name == "gradient":
         return Estimator(name, lambda p, b, k: jax.grad(loss_fn)(p, b), settings, 1, scored=False)
     if name == "saliency":
@@ -380,7 +369,7 @@ def _resolve_reference(reference, loss_fn, logits_fn, params, batch):
         return lambda: jax.jit(lambda p, b: exact_diagonal(loss_fn, p, b))(params, batch)
     if reference is None:
         return lambda: None
-    _check_tree(reference, params, "reference")
+    check_tree_matches(reference, params, "reference")
     return lambda: reference
 
 
@@ -473,7 +462,7 @@ def compare_estimators(
         before any compute.
     """
     budgets = _check_budgets(budgets)
-    _check_count(repeats, "repeats")
+    _check_positive(repeats, "repeats")
     if estimators is None:
         estimators = [e for e in DEFAULT_ESTIMATORS if logits_fn is not None or _parse_spec(e)[0] not in _NEEDS_LOGITS]
     if not estimators:
@@ -556,7 +545,7 @@ def compare_at_budget(
     Raises:
       ValueError: as :func:`compare_estimators`, and for ``products`` below 1 or an ``estimators`` argument.
     """
-    _check_count(products, "products")
+    _check_positive(products, "products")
     if "estimators" in kwargs:
         raise ValueError("compare_at_budget chooses the estimators from products; call compare_estimators instead.")
     names = [f"hutchinson:{products}"]
@@ -676,8 +665,8 @@ def compare_noise_sources(
         any compute.
     """
     budgets = _check_budgets(budgets)
-    _check_count(batch_size, "batch_size")
-    _check_count(repeats, "repeats")
+    _check_positive(batch_size, "batch_size")
+    _check_positive(repeats, "repeats")
     size = int(np.shape(_inputs(data))[0])
     num_batches = size // batch_size
     if num_batches < 2:
@@ -907,7 +896,7 @@ def bench_problem(
 
     if name not in BENCH_MODELS:
         raise ValueError(f"model={name!r} is not a benchmark model; choose one of {', '.join(BENCH_MODELS)}.")
-    _check_count(batch_size, "batch_size")
+    _check_positive(batch_size, "batch_size")
     if not isinstance(train_steps, int) or train_steps < 0:
         raise ValueError(f"train_steps={train_steps!r} must be a non-negative integer.")
     synthetic = synthetic or name == "resnet18"

@@ -78,16 +78,16 @@ def test_same_budget_mode_spends_the_stated_products(problem):
     ("kwargs", "fragment"),
     [
         ({"estimators": ["hutchinsn"]}, "unknown estimator 'hutchinsn'"),
-        ({"estimators": ["hutchinson:0"]}, "num_probes=0"),
+        ({"estimators": ["hutchinson:0"]}, "num_probes must be a positive integer; got 0"),
         ({"estimators": ["fisher:3"]}, "takes no count"),
         ({"estimators": ["ggn"]}, "'ggn' needs logits_fn"),
         ({"estimators": []}, "estimators is empty"),
         ({"reference": "ggn"}, "reference='ggn' needs logits_fn"),
         ({"reference": "hessian"}, "reference='hessian'"),
-        ({"reference": {"w": jnp.zeros(3)}}, "reference must be a pytree shaped like params"),
+        ({"reference": {"w": jnp.zeros(3)}}, "reference must have the same tree structure as params"),
         ({"budgets": (0.0,)}, "budgets="),
         ({"budgets": (0.01, 1.5)}, "budgets="),
-        ({"repeats": 0}, "repeats=0"),
+        ({"repeats": 0}, "repeats must be a positive integer; got 0"),
     ],
 )
 def test_bad_inputs_raise_before_compute(problem, monkeypatch, kwargs, fragment):
@@ -100,7 +100,7 @@ def test_bad_inputs_raise_before_compute(problem, monkeypatch, kwargs, fragment)
     monkeypatch.setattr(compare, "exact_diagonal", no_compute)
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
         compare.compare_estimators(loss_fn, params, batch, key=jax.random.key(0), **{"repeats": 1, **kwargs})
-    with pytest.raises(ValueError, match="products=0"):
+    with pytest.raises(ValueError, match="products must be a positive integer; got 0"):
         compare.compare_at_budget(loss_fn, params, batch, products=0, key=jax.random.key(0))
 
 
